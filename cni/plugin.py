@@ -1,0 +1,8 @@
+"""flatnet CNI plugin: stub until the CNI issue."""
+
+import sys
+
+
+def main() -> int:
+    print('{"cniVersion":"1.0.0","code":999,"msg":"not yet implemented"}')
+    return 1
