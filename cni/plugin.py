@@ -1,6 +1,5 @@
 """flatnet CNI plugin: stub until the CNI issue."""
 
-import sys
 
 
 def main() -> int:

@@ -50,15 +50,19 @@ class Snapshot:
     fds: set[int]
     namespaces: set[str]
 
+    prefix: str = ""
+
     @classmethod
-    def take(cls) -> Snapshot:
-        return cls(descendants(), open_fds(), set(list_namespaces()))
+    def take(cls, ns_prefix: str = "") -> Snapshot:
+        """*ns_prefix*: only namespaces whose names start with it count (others belong to others)."""
+        nss = {n for n in list_namespaces() if n.startswith(ns_prefix)}
+        return cls(descendants(), open_fds(), nss, ns_prefix)
 
     def leaks_since(self, before: Snapshot, grace: float = 2.0) -> list[str]:
         """What exists now and did not before; waits up to *grace* s for things to wind down."""
         deadline = time.monotonic() + grace
         while True:
-            now = Snapshot.take()
+            now = Snapshot.take(self.prefix)
             procs = now.processes - before.processes
             fds = now.fds - before.fds
             nss = now.namespaces - before.namespaces

@@ -1,0 +1,88 @@
+"""flatnet-node's configuration: one typed object, loaded from TOML (``/etc/flatnet/node.toml``).
+
+Sections are owned by the part that uses them; every field has its default beside it. Example::
+
+    name = "wsl-alice"
+    control_socket = "/run/flatnet/node.sock"
+
+    [pki]
+    ca = "/etc/flatnet/ca.crt"
+    cert = "/etc/flatnet/host.crt"
+    key = "/etc/flatnet/host.key"
+
+    [tunnel]
+    listen_port = 4242
+
+    [[peers]]                      # static peers (the lighthouse issue adds discovery)
+    ip = "10.87.2.1"
+    endpoints = ["192.168.50.12:4242"]
+
+    [cni]
+    subnet = "10.87.1.0/24"        # this host's container subnet (must be in the cert)
+
+    [gateway]
+    admin_url = "http://172.20.0.1:8081"
+    token_file = "/etc/flatnet/gateway.token"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flatnet import config
+from flatnet.config import port_check
+
+DEFAULT_CONFIG_PATH = Path("/etc/flatnet/node.toml")
+FLATNET_RANGE = ipaddress.IPv4Network("10.87.0.0/16")
+
+
+@dataclass(frozen=True)
+class PkiConfig:
+    ca: Path = Path("/etc/flatnet/ca.crt")
+    cert: Path = Path("/etc/flatnet/host.crt")
+    key: Path = Path("/etc/flatnet/host.key")
+    blocklist: list[str] = field(default_factory=list)  # certificate fingerprints, hex
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = field(default=4242, metadata={"check": port_check})
+    tun_name: str = "flatnet0"
+    mtu: int = 0  # 0: derive from the underlay interface's MTU
+
+
+@dataclass(frozen=True)
+class StaticPeer:
+    ip: ipaddress.IPv4Address  # the peer's Flatnet IP (as in its certificate)
+    endpoints: list[str] = field(default_factory=list)  # "host:port" underlay addresses
+
+
+@dataclass(frozen=True)
+class CniConfig:
+    data_dir: Path = Path("/var/lib/flatnet/cni")  # IPAM store, file-locked
+    subnet: ipaddress.IPv4Network | None = None  # default: the certificate's first subnet
+
+
+@dataclass(frozen=True)
+class GatewayPushConfig:
+    admin_url: str | None = None  # e.g. http://127.0.0.1:8081 ; None: do not push routes
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    control_socket: Path = Path("/run/flatnet/node.sock")
+    flatnet_range: ipaddress.IPv4Network = FLATNET_RANGE
+    pki: PkiConfig = field(default_factory=PkiConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    peers: list[StaticPeer] = field(default_factory=list)
+    cni: CniConfig = field(default_factory=CniConfig)
+    gateway: GatewayPushConfig = field(default_factory=GatewayPushConfig)
+
+
+def load_node_config(path: str | Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
+    return config.load(path, NodeConfig)
