@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flatnet import config
-from flatnet.config import port_check
+from flatnet.config import port_check, positive_check
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatnet/node.toml")
 FLATNET_RANGE = ipaddress.IPv4Network("10.87.0.0/16")
@@ -64,12 +64,18 @@ class StaticPeer:
 class CniConfig:
     data_dir: Path = Path("/var/lib/flatnet/cni")  # IPAM store, file-locked
     subnet: ipaddress.IPv4Network | None = None  # default: the certificate's first subnet
+    network: str = "flatnet"  # the Podman network name (conflist "name")
+    mtu: int = 0  # container veth MTU; 0: the kernel's default (1500)
+    plugin_dir: Path = Path("/usr/local/lib/cni")  # where `flatnet cni install` puts the plugin
+    conf_dir: Path = Path("/etc/cni/net.d")  # where `flatnet cni install` writes the conflist
 
 
 @dataclass(frozen=True)
 class GatewayPushConfig:
     admin_url: str | None = None  # e.g. http://127.0.0.1:8081 ; None: do not push routes
     token_file: Path | None = None
+    resync_interval: float = field(default=30.0, metadata={"check": positive_check})  # full sync, seconds
+    retry_interval: float = field(default=1.0, metadata={"check": positive_check})  # after a failed push
 
 
 @dataclass(frozen=True)
