@@ -1,0 +1,182 @@
+"""`flatnet lab up|status|down` for real: namespaces, nginx, the demo app, a crash and the clean-up.
+
+Each test uses its own prefix under the run's FLATNET_TEST_NS_PREFIX, so the leak check sees the
+lab's namespaces and parallel runs do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flatnet.cli import main
+from flatnet.lab.demo_app import COOKIE_NAME, PAGE_MARKER
+from flatnet.lab.gateway import flatnet_gateway_missing
+from flatnet.lab.probe import http_get
+from flatnet.lab.state import LabState, process_start_ticks
+from flatnet.netns import list_namespaces
+from flatnet.testing.markers import needs_root, require_tools
+
+pytestmark = [pytest.mark.slow, needs_root, require_tools("nginx", "nft", "nsenter")]
+
+LAN_ADDRESS = "192.168.77.1"
+
+
+def lab_prefix(suffix: str) -> str:
+    return f"{os.environ['FLATNET_TEST_NS_PREFIX']}-{suffix}"
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    return [n for n in list_namespaces() if n.startswith(prefix + "-")]
+
+
+@pytest.fixture
+def lab():
+    """A lab prefix whose lab is taken down at teardown whatever the test did."""
+    prefix = lab_prefix("lab")
+    yield prefix
+    main(["lab", "down", "--prefix", prefix])
+
+
+def assert_gone(prefix: str, pids: list[tuple[int, int]]) -> None:
+    assert lab_namespaces(prefix) == []
+    assert not LabState(prefix).dir.exists()
+    alive = [pid for pid, ticks in pids if process_start_ticks(pid) == ticks]
+    assert alive == [], f"lab processes still running: {alive}"
+
+
+def recorded_pids(prefix: str) -> list[tuple[int, int]]:
+    manifest = LabState(prefix).load()
+    assert manifest is not None
+    return [(p.pid, p.start_ticks) for p in manifest.processes]
+
+
+def test_up_serves_the_app_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys):
+    assert main(["lab", "up", "--prefix", lab]) == 0
+    printed = capsys.readouterr().out
+    assert f"nsenter --net=/run/netns/{lab}-lan curl http://{LAN_ADDRESS}/web/" in printed
+    assert sorted(lab_namespaces(lab)) == sorted(f"{lab}-{h}" for h in ("lan", "win", "wsl1", "wsl2"))
+
+    page = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/")
+    assert page.status == 200
+    assert f"{PAGE_MARKER}: web" in page.body
+
+    # The app's redirect to "/welcome" comes back under the service prefix, with its cookie.
+    login = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/login")
+    assert login.status in (301, 302)
+    assert login.header("location").endswith("/web/welcome")
+    cookie = login.header("set-cookie").split(";")[0]
+    assert cookie.startswith(f"{COOKIE_NAME}=")
+    welcome = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/welcome", headers={"Cookie": cookie})
+    assert "arrived" in welcome.body and "hello-from-web" in welcome.body
+
+    # The LAN PC has no route into the Windows host's WSL side, and the app is not on the LAN.
+    with pytest.raises(OSError):
+        http_get(f"{lab}-lan", "10.87.1.200", 8080, "/", timeout=1)
+
+    assert main(["lab", "status", "--prefix", lab]) == 0
+    status = capsys.readouterr().out
+    assert "alive" in status and "DEAD" not in status and "-> ok" in status
+
+    pids = recorded_pids(lab)
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids)
+    assert main(["lab", "down", "--prefix", lab]) == 0  # idempotent
+    assert main(["lab", "status", "--prefix", lab]) == 3
+
+
+def test_wsl_traffic_to_the_lan_is_masqueraded_by_the_windows_host(lab, capsys):
+    """Windows' NAT: a WSL2 VM reaching the LAN shows up with the Windows host's LAN address."""
+    assert main(["lab", "up", "--prefix", lab]) == 0
+    capsys.readouterr()
+    server = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{lab}-lan", sys.executable, "-m", "flatnet.lab.demo_app",
+         "--listen", "192.168.77.10", "--port", "8090", "--name", "pc"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                page = http_get(f"{lab}-wsl1", "192.168.77.10", 8090, "/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert f"to {LAN_ADDRESS}." in page.body  # the PC saw the Windows host, not 172.24.1.2
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_down_cleans_up_after_lab_up_was_killed_half_way(lab):
+    """SIGKILL `lab up` once it has made namespaces and started a process; `down` removes it all."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flatnet.cli", "lab", "up", "--prefix", lab],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = LabState(lab)
+    deadline = time.monotonic() + 30
+    while True:
+        manifest = state.load()
+        if manifest and manifest.processes:
+            break
+        assert proc.poll() is None, "lab up ended before it could be killed"
+        assert time.monotonic() < deadline, "lab up never started a process"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pids = recorded_pids(lab)
+    assert lab_namespaces(lab)
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids)
+
+
+def test_down_without_manifest_kills_what_runs_in_the_namespaces(lab, capsys):
+    """A crash that lost the state dir and left orphans (gateway master killed, workers left): found by
+    scanning each namespace's processes."""
+    assert main(["lab", "up", "--prefix", lab]) == 0
+    capsys.readouterr()
+    pids = recorded_pids(lab)
+    gateway = next(p for p in LabState(lab).load().processes if p.name == "gateway")
+    in_ns = _pids_in(f"{lab}-win")
+    assert gateway.pid in in_ns and len(in_ns) >= 2  # nginx master and worker(s)
+    os.kill(gateway.pid, signal.SIGKILL)
+    LabState(lab).remove()
+    workers = [(pid, process_start_ticks(pid)) for pid in in_ns if pid != gateway.pid]
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids + [w for w in workers if w[1] is not None])
+
+
+@pytest.mark.skipif(flatnet_gateway_missing() is not None, reason=f"{flatnet_gateway_missing()}")
+def test_flatnet_gateway_with_routes_pushed_from_a_wsl_host(lab, capsys):
+    assert main(["lab", "up", "--prefix", lab, "--gateway", "flatnet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gateway (flatnet)" in printed
+    page = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/")
+    assert page.status == 200 and PAGE_MARKER in page.body
+    index = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/")
+    assert "web" in index.body
+    # The admin API is not reachable from the LAN.
+    with pytest.raises(OSError):
+        http_get(f"{lab}-lan", LAN_ADDRESS, 8081, "/", timeout=1)
+    assert main(["lab", "status", "--prefix", lab]) == 0
+    assert "/web/ -> 10.87.1.200:8080" in capsys.readouterr().out
+
+
+@require_tools("chromium")
+def test_up_with_browser_loads_the_app_in_headless_chromium(lab, capsys):
+    assert main(["lab", "up", "--prefix", lab, "--browser"]) == 0
+    assert "Checked with headless Chromium in lan: ok" in capsys.readouterr().out
+
+
+def _pids_in(ns_name: str) -> list[int]:
+    from flatnet.lab.state import pids_in_namespace
+
+    return pids_in_namespace(f"/run/netns/{ns_name}")
