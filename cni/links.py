@@ -1,0 +1,192 @@
+"""The netlink work of ADD/DEL/CHECK: a veth pair, addresses and routes (pyroute2; never ``ip``).
+
+Addressing follows the reference ``ptp`` plugin, so each container sits on a point-to-point link::
+
+    container netns                          host netns (the WSL2 host)
+    eth0  10.87.1.7/32                       fn<hash>  10.87.1.1/32 (the gateway, on every host veth)
+      10.87.1.1 dev eth0 scope link            10.87.1.7/32 dev fn<hash> scope link
+      10.87.0.0/16 via 10.87.1.1
+      default via 10.87.1.1
+
+The container reaches its gateway by ARP on its own veth; the host reaches the container through the
+/32 route. No bridge, so containers on one host talk through the host's routing like everyone else.
+
+The host-side name is derived from (container id, ifname) so DEL finds it without any state, even
+after a crash half-way through ADD. Deleting the host side removes the pair and the /32 route.
+
+Importing pyroute2 costs ~0.3 s, which is why the plugin executable imports this module only on its
+fallback path; the node imports it once and keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator, Sequence
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni.spec import ERR_CHECK_FAILED, ERR_CONTAINER_UNKNOWN, CniError
+
+CLONE_NEWNET = 0x40000000
+SCOPE_LINK = 253
+HOST_IFNAME_PREFIX = "fn"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def host_ifname_for(container_id: str, ifname: str) -> str:
+    """The host side of a container's veth: ``fn`` + 12 hex digits (kernel limit is 15 characters)."""
+    return HOST_IFNAME_PREFIX + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:12]
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def netlink_socket_in(netns_path: str) -> socket.socket:
+    """A rtnetlink socket bound to the namespace at *netns_path*.
+
+    A socket belongs to the namespace its creator was in, so this thread enters the namespace,
+    opens the socket and comes back. pyroute2's own ``NetNS`` forks a helper process per socket,
+    which is slow and unwelcome inside the node's event loop.
+    """
+    try:
+        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CniError(ERR_CONTAINER_UNKNOWN, "container network namespace does not exist", netns_path) from None
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            _setns(target)
+        except OSError as exc:
+            raise CniError(ERR_CONTAINER_UNKNOWN, "cannot enter the container network namespace", f"{netns_path}: {exc}") from None
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+@contextlib.contextmanager
+def _ipr_in(netns_path: str) -> Iterator[IPRoute]:
+    ipr = IPRoute(use_socket=netlink_socket_in(netns_path))
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _mac(ipr: IPRoute, index: int) -> str:
+    return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+
+
+def setup(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv4Address,
+          gateway: ipaddress.IPv4Address, routes: Sequence[ipaddress.IPv4Network], mtu: int = 0) -> tuple[str, str]:
+    """Build the pair and its addresses and routes; returns (container MAC, host MAC).
+
+    Starts from a clean slate: a host side left by an earlier ADD (a re-run, or a crash half-way)
+    is deleted first, so the result is always exactly what this function builds.
+    """
+    target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(netns_path) else None
+    if target is None:
+        raise CniError(ERR_CONTAINER_UNKNOWN, "container network namespace does not exist", netns_path)
+    try:
+        with IPRoute() as host:
+            old = _index(host, host_ifname)
+            if old is not None:
+                host.link("del", index=old)
+            link: dict = {"ifname": host_ifname, "kind": "veth", "peer": {"ifname": ifname, "net_ns_fd": target}}
+            if mtu:
+                link["mtu"] = mtu
+                link["peer"]["mtu"] = mtu
+            try:
+                host.link("add", **link)
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    raise CniError(ERR_CHECK_FAILED, "interface already exists in the container", ifname) from None
+                raise
+            host_index = _index(host, host_ifname)
+            host.addr("add", index=host_index, address=str(gateway), prefixlen=32)
+            host.link("set", index=host_index, state="up")
+            host.route("replace", dst=f"{address}/32", oif=host_index, scope=SCOPE_LINK)
+            host_mac = _mac(host, host_index)
+    finally:
+        os.close(target)
+    with _ipr_in(netns_path) as ctr:
+        index = _index(ctr, ifname)
+        ctr.addr("add", index=index, address=str(address), prefixlen=32)
+        ctr.link("set", index=index, state="up")
+        lo = _index(ctr, "lo")
+        if lo is not None:
+            ctr.link("set", index=lo, state="up")
+        ctr.route("replace", dst=f"{gateway}/32", oif=index, scope=SCOPE_LINK)
+        for dst in routes:
+            ctr.route("replace", dst=str(dst), gateway=str(gateway), oif=index)
+        container_mac = _mac(ctr, index)
+    return container_mac, host_mac
+
+
+def teardown(host_ifname: str) -> bool:
+    """Delete the pair by its host side (the peer and the host route go with it). Idempotent."""
+    with IPRoute() as host:
+        index = _index(host, host_ifname)
+        if index is None:
+            return False
+        try:
+            host.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+        return True
+
+
+def host_side_exists(host_ifname: str) -> bool:
+    with IPRoute() as host:
+        return _index(host, host_ifname) is not None
+
+
+def host_side_names() -> set[str]:
+    """Host-side names of every Flatnet veth in this namespace (for GC and reconcile)."""
+    with IPRoute() as host:
+        names = {link.get_attr("IFLA_IFNAME") for link in host.get_links()}
+    return {n for n in names if n and n.startswith(HOST_IFNAME_PREFIX)}
+
+
+def check(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv4Address,
+          gateway: ipaddress.IPv4Address, routes: Sequence[ipaddress.IPv4Network]) -> None:
+    """Raise :class:`CniError` unless the container still has what :func:`setup` gave it."""
+    with IPRoute() as host:
+        host_index = _index(host, host_ifname)
+        if host_index is None:
+            raise CniError(ERR_CHECK_FAILED, "host side of the veth is missing", host_ifname)
+        host_routes = {r.get_attr("RTA_DST") for r in host.get_routes(family=socket.AF_INET, oif=host_index)
+                       if r["dst_len"] == 32}
+        if str(address) not in host_routes:
+            raise CniError(ERR_CHECK_FAILED, "host route to the container is missing", f"{address}/32 dev {host_ifname}")
+    with _ipr_in(netns_path) as ctr:
+        index = _index(ctr, ifname)
+        if index is None:
+            raise CniError(ERR_CHECK_FAILED, "container interface is missing", ifname)
+        addrs = {a.get_attr("IFA_ADDRESS") for a in ctr.get_addr(family=socket.AF_INET, index=index)}
+        if str(address) not in addrs:
+            raise CniError(ERR_CHECK_FAILED, "container address is missing", f"{address} on {ifname}")
+        have = {(r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"], r.get_attr("RTA_GATEWAY"))
+                for r in ctr.get_routes(family=socket.AF_INET, oif=index)}
+        for dst in routes:
+            if (str(dst.network_address), dst.prefixlen, str(gateway)) not in have:
+                raise CniError(ERR_CHECK_FAILED, "container route is missing", f"{dst} via {gateway}")

@@ -1,0 +1,216 @@
+"""The CNI contract: versions, error codes, the request a runtime makes, and the results we give.
+
+Everything the CNI specification fixes lives in this file (SPEC.md of containernetworking/cni,
+"Execution Protocol", "Result Types" and "Error" sections). Standard library only: the plugin
+executable imports this module on every call, and Podman calls VERSION on every config reload.
+
+A request is the process environment (``CNI_COMMAND``, ``CNI_CONTAINERID``, ``CNI_NETNS``,
+``CNI_IFNAME``, ``CNI_ARGS``, ``CNI_PATH``) plus the network configuration on stdin.
+:func:`parse_request` validates both and raises :class:`CniError` with the spec's code; the
+plugin prints ``error.to_json()`` on stdout and exits 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Versions whose ADD result format we produce. GC and STATUS exist from 1.1.0 on, CHECK from 0.4.0.
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+CHECK_SINCE = "0.4.0"
+GC_STATUS_SINCE = "1.1.0"
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+
+# Well-known error codes (SPEC.md, "Error"): 1-99 are reserved by the spec, 100+ are ours.
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_CONTAINER_UNKNOWN = 3
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN_LATER = 11
+ERR_PLUGIN_NOT_AVAILABLE = 50
+ERR_PLUGIN_NOT_AVAILABLE_LIMITED = 51
+# Plugin-specific codes.
+ERR_ADDRESSES_EXHAUSTED = 100  # no free address left in this host's subnet
+ERR_CHECK_FAILED = 101  # CHECK found the container's network differs from what ADD set up
+ERR_INTERNAL = 102  # an unexpected failure (a bug): details carry the exception
+
+# Capability / runtimeConfig keys and CNI_ARGS keys Podman 4.3 sends (seen on the wire).
+ARG_POD_NAME = "K8S_POD_NAME"  # Podman puts the container's name here
+GC_VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+
+
+class CniError(Exception):
+    """A failure reported to the runtime as the spec's error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(f"{msg}: {details}" if details else msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self, cni_version: str = "1.0.0") -> dict[str, Any]:
+        out: dict[str, Any] = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CniError:
+        return cls(int(data.get("code", ERR_INTERNAL)), str(data.get("msg", "")), str(data.get("details", "")))
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+@dataclass(frozen=True)
+class CniRequest:
+    """One invocation: the environment's CNI_* variables and the parsed network configuration."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    # Podman's own configuration files, passed through so the node can ask Podman for labels.
+    podman_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cni_version(self) -> str:
+        return str(self.config.get("cniVersion", "1.0.0"))
+
+    @property
+    def network_name(self) -> str:
+        return str(self.config.get("name", ""))
+
+    @property
+    def runtime_config(self) -> dict[str, Any]:
+        rc = self.config.get("runtimeConfig")
+        return rc if isinstance(rc, dict) else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "containerId": self.container_id,
+            "netns": self.netns,
+            "ifname": self.ifname,
+            "args": self.args,
+            "path": self.path,
+            "config": self.config,
+            "podmanEnv": self.podman_env,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CniRequest:
+        return cls(
+            command=str(data["command"]),
+            container_id=str(data.get("containerId", "")),
+            netns=str(data.get("netns", "")),
+            ifname=str(data.get("ifname", "")),
+            args={str(k): str(v) for k, v in dict(data.get("args") or {}).items()},
+            path=str(data.get("path", "")),
+            config=dict(data.get("config") or {}),
+            podman_env={str(k): str(v) for k, v in dict(data.get("podmanEnv") or {}).items()},
+        )
+
+
+PODMAN_ENV_KEYS = ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF")
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """``CNI_ARGS``: ``K1=V1;K2=V2`` (SPEC.md "Parameters")."""
+    out: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise CniError(ERR_INVALID_ENV, "invalid CNI_ARGS", f"expected KEY=VALUE, got {part!r}")
+        out[key] = value
+    return out
+
+
+def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
+    """Validate the environment and the configuration; raise :class:`CniError` with the spec's code."""
+    command = environ.get("CNI_COMMAND", "")
+    if command not in COMMANDS:
+        raise CniError(ERR_INVALID_ENV, "invalid CNI_COMMAND", f"expected one of {', '.join(COMMANDS)}, got {command!r}")
+    try:
+        config = json.loads(stdin.decode("utf-8")) if stdin.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CniError(ERR_DECODE, "failed to decode network configuration", str(exc)) from None
+    if command == "VERSION":
+        # VERSION's stdin carries only {"cniVersion": ...}; it may be empty for old runtimes.
+        return CniRequest(command, config=config if isinstance(config, dict) else {})
+    if not isinstance(config, dict):
+        raise CniError(ERR_DECODE, "failed to decode network configuration", "expected a JSON object on stdin")
+    version = config.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CniError(ERR_INVALID_CONFIG, "invalid network configuration", "cniVersion is missing")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION,
+            "incompatible CNI version",
+            f"{version} not supported; supported: {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    if command == "CHECK" and version_tuple(version) < version_tuple(CHECK_SINCE):
+        raise CniError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI version", f"CHECK needs {CHECK_SINCE} or later")
+    if command in ("GC", "STATUS") and version_tuple(version) < version_tuple(GC_STATUS_SINCE):
+        raise CniError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI version", f"{command} needs {GC_STATUS_SINCE} or later")
+    if not isinstance(config.get("name"), str) or not config["name"]:
+        raise CniError(ERR_INVALID_CONFIG, "invalid network configuration", "name is missing")
+    required = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"), "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+                "DEL": ("CNI_CONTAINERID", "CNI_IFNAME")}.get(command, ())
+    for key in required:
+        if not environ.get(key):
+            raise CniError(ERR_INVALID_ENV, f"missing environment variable {key}", f"{command} needs {key}")
+    return CniRequest(
+        command=command,
+        container_id=environ.get("CNI_CONTAINERID", ""),
+        netns=environ.get("CNI_NETNS", ""),
+        ifname=environ.get("CNI_IFNAME", ""),
+        args=parse_cni_args(environ.get("CNI_ARGS", "")),
+        path=environ.get("CNI_PATH", ""),
+        config=config,
+        podman_env={k: environ[k] for k in PODMAN_ENV_KEYS if k in environ},
+    )
+
+
+def version_result(requested: str | None) -> dict[str, Any]:
+    """The VERSION answer; ``cniVersion`` echoes the runtime's version when we speak it."""
+    version = requested if requested in SUPPORTED_VERSIONS else "1.0.0"
+    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What ADD gave a container: the facts every result version is built from."""
+
+    container_ifname: str
+    container_mac: str
+    sandbox: str
+    host_ifname: str
+    host_mac: str
+    address: ipaddress.IPv4Interface  # the container's address with the subnet's prefix length
+    gateway: ipaddress.IPv4Address
+    routes: tuple[ipaddress.IPv4Network, ...]  # each via the gateway
+
+    def result(self, cni_version: str) -> dict[str, Any]:
+        """The ADD result in *cni_version*'s format (0.3.x/0.4.0 carry ``"version": "4"`` on IPs)."""
+        interfaces = [
+            {"name": self.host_ifname, "mac": self.host_mac},
+            {"name": self.container_ifname, "mac": self.container_mac, "sandbox": self.sandbox},
+        ]
+        ip: dict[str, Any] = {"address": str(self.address), "gateway": str(self.gateway), "interface": 1}
+        if version_tuple(cni_version) < (1, 0, 0):
+            ip["version"] = "4"
+        routes = [{"dst": str(dst), "gw": str(self.gateway)} for dst in self.routes]
+        return {"cniVersion": cni_version, "interfaces": interfaces, "ips": [ip], "routes": routes, "dns": {}}
