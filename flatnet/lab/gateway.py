@@ -22,6 +22,7 @@ from pathlib import Path
 from flatnet.lab.topology import ADMIN_PORT, Service, Topology
 
 LAN_PORT = 80
+LAB_DOMAIN = "flatnet.lan"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GatewayLaunch:
     admin_urls: dict[str, str]  # lab host -> admin API URL as seen from that host
     files: list[Path]
     dropped_keys: tuple[str, ...] = ()  # gateway.toml keys the gateway's config does not know
+    domain: str | None = None  # services are also http://<name>.<domain>/
 
 
 def subcommands(module_name: str) -> set[str]:
@@ -68,7 +70,7 @@ def flatnet_launch(topology: Topology, state_dir: Path, token_file: Path) -> Gat
         "admin_listen": [f"{addr}:{ADMIN_PORT}" for addr in admin_hosts],
         "admin_allow": ["127.0.0.0/8", "172.24.0.0/16"],
         "admin_token_file": str(token_file),
-        "domain": "flatnet.lan",
+        "domain": LAB_DOMAIN,
         "state_dir": str(state_dir / "gateway"),
         "workers": 1,
         "health_interval": 1.0,
@@ -79,7 +81,8 @@ def flatnet_launch(topology: Topology, state_dir: Path, token_file: Path) -> Gat
     path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in wanted.items() if k in known))
     argv = [sys.executable, "-m", "flatnet.cli", "gateway", "run", "--config", str(path)]
     admin_urls = {host: f"http://{addr}:{ADMIN_PORT}" for addr, host in admin_hosts.items()}
-    return GatewayLaunch("flatnet", argv, admin_urls, [path], dropped)
+    domain = wanted["domain"] if "domain" in known else None
+    return GatewayLaunch("flatnet", argv, admin_urls, [path], dropped, domain)
 
 
 def write_route_file(path: Path, services: list[tuple[Service, str]]) -> None:

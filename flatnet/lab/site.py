@@ -189,7 +189,7 @@ class Lab:
         if launch.dropped_keys:
             manifest.notes.append(f"gateway.toml: left out keys the gateway does not know: {', '.join(launch.dropped_keys)}")
         self._spawn(manifest, "gateway", topo.gateway_host, launch.argv)
-        manifest.facts["gateway"] = {"mode": "flatnet", "admin_urls": launch.admin_urls}
+        manifest.facts["gateway"] = {"mode": "flatnet", "admin_urls": launch.admin_urls, "domain": launch.domain}
         self.state.save(manifest)
         self._wait_for_gateway(manifest)
         route_file = self.state.dir / "routes.toml"
@@ -374,13 +374,18 @@ class Lab:
             b = manifest.facts["browser"]
             lines.append(f"Checked with headless Chromium in {topo.client}: {'ok' if b['ok'] else 'FAIL'} ({b['detail']})")
         lan = f"nsenter --net={NETNS_DIR}/{self.ns(topo.client)}"
-        _, url = self.first_url(manifest)
+        path, url = self.first_url(manifest)
         lines += [
             "",
             f"Try it as the colleague on the LAN ({topo.client}):",
             f"  {lan} curl {url}",
             f"  {lan} curl -L -c /tmp/lab-cookies -b /tmp/lab-cookies {url}login     # redirect + cookie",
             f"  {lan} curl http://{topo.gateway_lan_address}/                           # the service index",
+        ]
+        if gateway.get("domain"):
+            host = f"{path.strip('/')}.{gateway['domain']}"
+            lines.append(f"  {lan} curl -H 'Host: {host}' http://{topo.gateway_lan_address}/       # by name")
+        lines += [
             f"  {lan} chromium {' '.join(CHROMIUM_FLAGS)} --user-data-dir=$(mktemp -d) --dump-dom {url}",
             "",
             f"Status: flatnet lab status{self._prefix_arg()}    Remove it: flatnet lab down{self._prefix_arg()}",
@@ -415,6 +420,8 @@ def _headline(page: str) -> str:
 
 def _route_items(routes: object) -> list[dict]:
     """AdminClient.list() output as a list of route dicts, whatever container it comes in."""
+    if hasattr(routes, "routes"):  # flatnet.gateway.admin.RouteTable
+        routes = routes.routes
     if isinstance(routes, dict):
         routes = routes.get("routes", list(routes.values()))
     items = []

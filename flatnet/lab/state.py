@@ -72,7 +72,9 @@ class LabState:
 
     def create(self) -> Manifest:
         self.logs.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)  # holds the admin token
+        # Traversable (the gateway's workers, running as www-data, write routes.json below it); the
+        # admin token itself is a 0600 file.
+        os.chmod(self.dir, 0o711)
         manifest = Manifest(prefix=self.prefix)
         self.save(manifest)
         return manifest

@@ -56,9 +56,12 @@ def recorded_pids(prefix: str) -> list[tuple[int, int]]:
     return [(p.pid, p.start_ticks) for p in manifest.processes]
 
 
-def test_up_serves_the_app_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys):
-    assert main(["lab", "up", "--prefix", lab]) == 0
+@pytest.mark.parametrize("gateway", ["auto", "static"])
+def test_up_serves_the_app_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys, gateway):
+    assert main(["lab", "up", "--prefix", lab, "--gateway", gateway]) == 0
     printed = capsys.readouterr().out
+    if gateway == "static":
+        assert "plain nginx with static routes stands in" in printed
     assert f"nsenter --net=/run/netns/{lab}-lan curl http://{LAN_ADDRESS}/web/" in printed
     assert sorted(lab_namespaces(lab)) == sorted(f"{lab}-{h}" for h in ("lan", "win", "wsl1", "wsl2"))
 
@@ -139,8 +142,8 @@ def test_down_cleans_up_after_lab_up_was_killed_half_way(lab):
 
 
 def test_down_without_manifest_kills_what_runs_in_the_namespaces(lab, capsys):
-    """A crash that lost the state dir and left orphans (gateway master killed, workers left): found by
-    scanning each namespace's processes."""
+    """A crash that lost the state dir and left orphans (the gateway's supervising process killed,
+    its nginx master and workers left running): found by scanning each namespace's processes."""
     assert main(["lab", "up", "--prefix", lab]) == 0
     capsys.readouterr()
     pids = recorded_pids(lab)
