@@ -349,6 +349,19 @@ class HandshakeState:
     def my_turn(self) -> bool:
         return not self.finished and (self._index % 2 == 0) == self.initiator
 
+    def clone(self) -> HandshakeState:
+        """An independent copy, to try a message without committing (a bad one leaves us as we were)."""
+        other = object.__new__(HandshakeState)
+        other.__dict__.update(self.__dict__)
+        other.psks = list(self.psks)
+        sym = object.__new__(SymmetricState)
+        sym.__dict__.update(self.symmetric.__dict__)
+        cipher = CipherState(self.symmetric.cipher.k)
+        cipher.n = self.symmetric.cipher.n
+        sym.cipher = cipher
+        other.symmetric = sym
+        return other
+
     def split(self) -> tuple[CipherState, CipherState]:
         """(initiator->responder, responder->initiator) cipher states, once finished."""
         if not self.finished:
