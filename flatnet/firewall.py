@@ -1,0 +1,228 @@
+"""The group firewall: which inner packets may leave toward, or arrive from, which peer. Sans-I/O.
+
+Theory of operation (as Nebula's firewall, which Flatnet users know):
+
+* Every peer is known by its certificate: host name, groups, Flatnet IP. Rules match on those and
+  on the packet: protocol, the local port, and CIDRs of the remote or local inner address.
+* Rules only allow. A packet passes if the connection-tracking table already knows its flow, or if
+  a rule of its direction (``outbound`` toward a peer, ``inbound`` from one) matches; then its flow
+  is tracked so the replies pass the other way. Anything else is dropped and counted.
+* The default (no ``[firewall]`` section) is one "any" rule each way: every holder of a
+  certificate from the team's CA may reach everything — the CA is the trust boundary. A team that
+  wants less lists its rules, e.g. inbound TCP 80 only from group "web-admins".
+* Conntrack entries expire after a timeout per protocol (TCP 12 min, UDP 3 min, other 10 min, as
+  Nebula), driven by the ``now`` the caller passes: no clock is read here. Expired entries are
+  swept lazily on lookup and in :meth:`Firewall.tick`.
+
+Ports: a rule's port is the *local* side's port for inbound (the service), the *remote* side's for
+outbound (the service we reach). ICMP and non-first fragments have port 0 and match only rules
+with port "any". A non-first IPv4 fragment is allowed if its (proto, addresses) pair has a tracked
+flow — ports are not in the fragment, so this is the best a stateless router-side check can do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flatnet.config import ConfigError
+
+PROTOCOLS = {"any": None, "tcp": 6, "udp": 17, "icmp": 1}
+INBOUND = "inbound"
+OUTBOUND = "outbound"
+
+
+@dataclass(frozen=True)
+class FirewallRuleConfig:
+    """One allow rule, as written in the node's TOML under ``[[firewall.inbound]]`` / ``outbound``."""
+
+    proto: Literal["any", "tcp", "udp", "icmp"] = "any"
+    port: str = "any"  # "any", "80" or "8000-8100"
+    host: str = "any"  # the remote certificate's host name, or "any"
+    groups: list[str] = field(default_factory=list)  # the remote must be in all of these
+    cidr: str = "any"  # the remote inner address must be in this CIDR
+    local_cidr: str = "any"  # the local inner address (this node or its containers) must be in it
+
+
+def _allow_all() -> list[FirewallRuleConfig]:
+    return [FirewallRuleConfig()]
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    outbound: list[FirewallRuleConfig] = field(default_factory=_allow_all)
+    inbound: list[FirewallRuleConfig] = field(default_factory=_allow_all)
+    tcp_timeout: float = 720.0
+    udp_timeout: float = 180.0
+    default_timeout: float = 600.0
+    max_tracked_flows: int = 100_000
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What the firewall knows of a peer: from its verified certificate."""
+
+    name: str
+    groups: frozenset[str]
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    proto: int | None
+    port_low: int
+    port_high: int
+    host: str | None
+    groups: frozenset[str]
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    local_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+    @classmethod
+    def from_config(cls, rule: FirewallRuleConfig, key: str = "firewall") -> Rule:
+        proto = PROTOCOLS[rule.proto]
+        if rule.port == "any":
+            low, high = 0, 65535
+        else:
+            try:
+                text_low, _, text_high = rule.port.partition("-")
+                low = int(text_low)
+                high = int(text_high) if text_high else low
+            except ValueError:
+                raise ConfigError("", f"{key}.port", f"expected 'any', a port or a range, got {rule.port!r}") from None
+            if not 0 <= low <= high <= 65535:
+                raise ConfigError("", f"{key}.port", f"port range out of 0..65535: {rule.port!r}")
+        return cls(
+            proto=proto,
+            port_low=low,
+            port_high=high,
+            host=None if rule.host == "any" else rule.host,
+            groups=frozenset(rule.groups),
+            cidr=_network(rule.cidr, f"{key}.cidr"),
+            local_cidr=_network(rule.local_cidr, f"{key}.local_cidr"),
+        )
+
+    @property
+    def any_port(self) -> bool:
+        return self.port_low == 0 and self.port_high == 65535
+
+    def matches(self, proto: int, port: int, peer: PeerIdentity, remote, local) -> bool:
+        if self.proto is not None and self.proto != proto:
+            return False
+        if not self.any_port and not (port and self.port_low <= port <= self.port_high):
+            return False
+        if self.host is not None and self.host != peer.name:
+            return False
+        if self.groups and not self.groups <= peer.groups:
+            return False
+        if self.cidr is not None and remote not in self.cidr:
+            return False
+        return not (self.local_cidr is not None and local not in self.local_cidr)
+
+
+def _network(text: str, key: str):
+    if text == "any":
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError("", key, str(exc)) from None
+
+
+# A tracked flow, oriented from this node's side: (proto, local addr, local port, remote addr, remote port).
+FlowKey = tuple[int, bytes, int, bytes, int]
+
+
+class Firewall:
+    def __init__(self, config: FirewallConfig | None = None) -> None:
+        config = config or FirewallConfig()
+        self.config = config
+        self.inbound = [Rule.from_config(r, f"firewall.inbound[{i}]") for i, r in enumerate(config.inbound)]
+        self.outbound = [Rule.from_config(r, f"firewall.outbound[{i}]") for i, r in enumerate(config.outbound)]
+        self._timeouts = {6: config.tcp_timeout, 17: config.udp_timeout}
+        self.conntrack: dict[FlowKey, float] = {}  # flow -> expiry time
+        self._pairs: dict[tuple[int, bytes, bytes], float] = {}  # (proto, local, remote) -> expiry: fragments
+        self.drops: Counter = Counter()
+        # A rule list that is a single unconditional rule needs no per-packet rule evaluation; the
+        # flow is still tracked, so swapping in stricter rules later behaves the same.
+        self._allow_all = {
+            INBOUND: self._unconditional(self.inbound),
+            OUTBOUND: self._unconditional(self.outbound),
+        }
+
+    @staticmethod
+    def _unconditional(rules: list[Rule]) -> bool:
+        return any(
+            r.proto is None and r.any_port and r.host is None and not r.groups and r.cidr is None and r.local_cidr is None
+            for r in rules
+        )
+
+    def allow(
+        self,
+        direction: str,
+        proto: int,
+        local: bytes,
+        local_port: int,
+        remote: bytes,
+        remote_port: int,
+        peer: PeerIdentity,
+        now: float,
+        first_fragment: bool = True,
+    ) -> bool:
+        """May this packet pass? Tracks the flow when it may. Addresses are raw (4 or 16 bytes)."""
+        timeout = self._timeouts.get(proto, self.config.default_timeout)
+        if not first_fragment:
+            expiry = self._pairs.get((proto, local, remote))
+            if expiry is not None and expiry > now:
+                return True
+            self.drops[f"{direction}_fragment"] += 1
+            return False
+        key = (proto, local, local_port, remote, remote_port)
+        expiry = self.conntrack.get(key)
+        if expiry is not None and expiry > now:
+            self.conntrack[key] = now + timeout
+            self._pairs[(proto, local, remote)] = now + timeout
+            return True
+        if not self._allow_all[direction]:
+            rules = self.inbound if direction == INBOUND else self.outbound
+            port = local_port if direction == INBOUND else remote_port
+            remote_addr = ipaddress.ip_address(remote)
+            local_addr = ipaddress.ip_address(local)
+            if not any(r.matches(proto, port, peer, remote_addr, local_addr) for r in rules):
+                self.drops[f"{direction}_no_rule"] += 1
+                return False
+        if len(self.conntrack) >= self.config.max_tracked_flows:
+            self.tick(now)
+            if len(self.conntrack) >= self.config.max_tracked_flows:
+                self.drops["conntrack_full"] += 1
+                return False
+        self.conntrack[key] = now + timeout
+        self._pairs[(proto, local, remote)] = now + timeout
+        return True
+
+    def tick(self, now: float) -> None:
+        """Forget expired flows."""
+        for table in (self.conntrack, self._pairs):
+            expired = [k for k, expiry in table.items() if expiry <= now]
+            for k in expired:
+                del table[k]
+
+    def status(self) -> dict:
+        return {
+            "tracked_flows": len(self.conntrack),
+            "inbound_rules": len(self.inbound),
+            "outbound_rules": len(self.outbound),
+            "drops": dict(self.drops),
+        }
+
+
+def identity_of(session_or_peer, fallback_ip=None) -> PeerIdentity:
+    """The firewall identity of a tunnel session or peer, whatever the protocol core calls its fields."""
+    cert = getattr(session_or_peer, "peer_cert", None) or getattr(session_or_peer, "cert", None)
+    source = cert if cert is not None else session_or_peer
+    name = getattr(source, "name", None) or getattr(source, "host", None) or getattr(session_or_peer, "peer_name", "")
+    groups: Iterable[str] = getattr(source, "groups", None) or getattr(session_or_peer, "peer_groups", ()) or ()
+    ip = getattr(source, "ip", None) or getattr(session_or_peer, "peer_ip", None) or fallback_ip
+    return PeerIdentity(str(name), frozenset(groups), ip)

@@ -1,0 +1,544 @@
+"""The node's data plane decisions, sans-I/O: TUN frames and UDP datagrams in, writes and sends out.
+
+Theory of operation
+-------------------
+Outbound (TUN -> peer). :meth:`Dataplane.tun_frame` takes one TUN read: a virtio-net header and an
+IP packet, often a TCP super-packet of up to 64 KB (TSO offload). It finds the peer that owns the
+destination (``engine.session_for``), checks the source is this node's and the firewall allows the
+flow, then turns the packet into batch *records* (flatnet/proto/batch.py): a super-packet is cut
+into super-packets of at most ``cap`` segments, each sealed alone as one DATA_BATCH message (one
+AEAD call for up to ``cap`` segments); small packets wait in a per-peer batch until :meth:`flush`
+(the I/O layer calls it once the TUN fd would block) so a burst of ACKs costs one AEAD call too.
+A sealed message bigger than the datagram budget leaves as fragments in one GSO send.
+
+Inbound (peer -> TUN). :meth:`udp_datagram` takes one UDP read, possibly several datagrams GRO
+coalesced (``segment_size``). Fragments are reassembled, DATA/DATA_BATCH messages opened by the
+tunnel (AEAD + replay window), anything else (handshakes, ...) is handed to the engine. Each record
+must pass anti-spoofing (the inner source is one the peer's certificate allows), be addressed to
+this node or its containers, and pass the firewall. Consecutive in-order segments of one TCP flow
+are merged into one super-packet, so the kernel gets one large TUN write and sends fewer ACKs.
+
+The cap adapts (AIMD): a lost datagram loses its whole message, so per peer the cap halves when
+the sender sees a TCP retransmission toward that peer (a sequence number below what was already
+sent) and grows by one after ``cap_growth_interval`` clean messages, between 1 and ``max_cap``.
+
+Errors: bad input from the network is dropped and counted in :attr:`drops` by reason, never raised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from flatnet.firewall import INBOUND, OUTBOUND, Firewall, PeerIdentity, identity_of
+from flatnet.node import packet as P
+from flatnet.node.reassembly import Reassembly
+from flatnet.proto import batch as B
+
+_H = struct.Struct("!H")
+_I = struct.Struct("!I")
+
+MAX_SUPERPACKET = 65535 - 256
+DECREASE_COOLDOWN = 8  # messages sent between two decreases of a peer's segment cap  # headroom below the IP length limit for a merged super-packet
+
+
+@dataclass(frozen=True)
+class DataplaneSettings:
+    local_ip: ipaddress.IPv4Address  # this node's Flatnet IP (on the TUN device)
+    local_networks: tuple  # networks delivered here: this node's IP and its container subnets
+    overlay_mtu: int  # the largest inner packet carried whole; bigger ones with DF get ICMP too-big
+    datagram_budget: int  # the largest UDP payload that crosses the underlay unfragmented
+    max_cap: int = 16  # segments per DATA_BATCH message at most
+    adaptive_cap: bool = True
+    cap_growth_interval: int = 32  # clean messages before the cap grows by one
+    data_type: int = 5  # the tunnel's DATA_BATCH message type
+    single_type: int = 4  # the tunnel's DATA message type (one packet, sent by the engine itself)
+
+
+@dataclass
+class PeerPath:
+    """What the data plane knows of one peer: counters, its current cap, flows for loss detection."""
+
+    cap: int
+    clean_messages: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    rx_packets: int = 0
+    tx_messages: int = 0
+    rx_messages: int = 0
+    retransmissions_seen: int = 0
+    since_decrease: int = 0
+    endpoint: object = None
+    up_since: float | None = None
+    flows: dict = field(default_factory=dict)  # (src, dst, sport, dport) -> next expected seq
+
+
+class _RxSuper:
+    """A received TCP packet being merged with its flow's following segments before the TUN write."""
+
+    __slots__ = ("flow_key", "buf", "flow", "hdr_len", "gso_size", "next_seq", "closed", "merged", "needs_csum")
+
+    def __init__(self, flow_key, buf: bytearray, flow: P.Flow, hdr_len: int, gso_size: int, needs_csum: bool) -> None:
+        self.flow_key = flow_key
+        self.buf = buf
+        self.flow = flow
+        self.hdr_len = hdr_len
+        self.gso_size = gso_size
+        payload = len(buf) - hdr_len
+        self.next_seq = (_I.unpack_from(buf, flow.l4_offset + 4)[0] + payload) & 0xFFFFFFFF
+        # More may join only while every segment so far is full-sized.
+        self.closed = payload % gso_size != 0 if gso_size else True
+        self.merged = False
+        self.needs_csum = needs_csum
+
+
+class Dataplane:
+    def __init__(self, engine, firewall: Firewall, settings: DataplaneSettings, *, rng=None) -> None:
+        self.engine = engine
+        self.firewall = firewall
+        self.settings = settings
+        self.drops: Counter = Counter()
+        self.reassembly = Reassembly()
+        self.paths: dict = {}  # peer Flatnet IP -> PeerPath
+        self._local_ip_raw = settings.local_ip.packed
+        self._local_nets = [ipaddress.ip_network(n) for n in settings.local_networks]
+        self._pending: dict = {}  # id(session) -> [session, [record parts], size]
+        self._tun_out: list = []
+        self._rx: list = []  # _RxSuper or ready bytes, in arrival order
+        self._udp_out: list = []
+        self._local_cache: dict[bytes, bool] = {}
+        self._spoof_cache: dict = {}
+        self._identity_cache: dict = {}
+        seed = rng.getrandbits(32) if rng is not None else 0x5EED
+        self._message_id = seed & 0xFFFFFFFF
+        self._last_tick = None
+        # Space for records in one unfragmented message: the tunnel header and tag come off the budget.
+        self._small_batch_limit = settings.datagram_budget - 32
+
+    # ------------------------------------------------------------------ outbound
+
+    def tun_frame(self, frame, now: float) -> None:
+        """One TUN read (virtio-net header + IP packet)."""
+        if len(frame) <= P.VNET_HDR_LEN:
+            self.drops["tun_short"] += 1
+            return
+        flags, gso_type, _hdr_len, gso_size, _cs, _co = P.VNET_HDR.unpack_from(frame, 0)
+        pkt = memoryview(frame)[P.VNET_HDR_LEN :]
+        flow = P.parse_flow(pkt)
+        if flow is None:
+            self.drops["tun_not_ip"] += 1
+            return
+        if not self._is_local(flow.src):
+            self.drops["tun_source_not_local"] += 1
+            return
+        dst = ipaddress.ip_address(flow.dst)
+        session = self.engine.session_for(dst, now)
+        gso = gso_type & ~P.GSO_ECN
+        if session is None:
+            self._slow_path(pkt, flow, flags, gso, now)
+            return
+        peer = self._identity(session)
+        if not self.firewall.allow(
+            OUTBOUND, flow.proto, flow.src, flow.sport, flow.dst, flow.dport, peer, now, flow.first_fragment
+        ):
+            self.drops["firewall_outbound"] += 1
+            return
+        path = self._path(session)
+        if flow.proto == P.PROTO_TCP and self.settings.adaptive_cap:
+            self._watch_retransmission(path, pkt, flow)
+        needs_csum = bool(flags & P.VNET_NEEDS_CSUM)
+        rflags = B.FLAG_NEEDS_CSUM if needs_csum else 0
+        if gso in (P.GSO_TCPV4, P.GSO_TCPV6) and gso_size:
+            if flow.proto != P.PROTO_TCP:
+                self.drops["tun_bad_gso"] += 1
+                return
+            pieces = P.split_tcp_superpacket(pkt, gso_size, path.cap)
+            if pieces is None:
+                self.drops["tun_bad_gso"] += 1
+                return
+            for piece in pieces:
+                single = len(piece) - (flow.l4_offset + P.tcp_header_len(piece, flow.l4_offset)) <= gso_size
+                record = B.record_header(len(piece), B.FLAG_NEEDS_CSUM, 0 if single else gso_size) + piece
+                self._seal_and_send(session, path, record, 1, now)
+            return
+        if gso != P.GSO_NONE:
+            self.drops["tun_unsupported_gso"] += 1
+            return
+        if len(pkt) > self.settings.overlay_mtu and (flow.version == 6 or P.ipv4_dont_fragment(pkt)):
+            self._too_big(pkt)
+            return
+        record = B.record_header(len(pkt), rflags, 0) + pkt
+        if len(record) > self._small_batch_limit:
+            self._seal_and_send(session, path, record, 1, now)
+            return
+        pending = self._pending.get(id(session))
+        if pending is None:
+            pending = self._pending[id(session)] = [session, path, [], 0]
+        elif pending[3] + len(record) > self._small_batch_limit:
+            self._flush_one(pending, now)
+        pending[2].append(record)
+        pending[3] += len(record)
+
+    def flush(self, now: float) -> None:
+        """Seal the small packets gathered since the last flush (call when the TUN fd would block)."""
+        for pending in self._pending.values():
+            if pending[2]:
+                self._flush_one(pending, now)
+        self._pending.clear()
+
+    def _flush_one(self, pending, now: float) -> None:
+        session, path, records, _ = pending
+        self._seal_and_send(session, path, b"".join(records), len(records), now)
+        pending[2] = []
+        pending[3] = 0
+
+    def _seal_and_send(self, session, path: PeerPath, payload: bytes, packets: int, now: float) -> None:
+        datagram = session.seal(payload, self.settings.data_type, now)
+        addr = _endpoint(session)
+        budget = self.settings.datagram_budget
+        if len(datagram) <= budget:
+            self._udp_out.append((datagram, addr, 0))
+        else:
+            self._message_id = (self._message_id + 1) & 0xFFFFFFFF
+            buffer, segment = B.encode_fragments(datagram, self._message_id, budget)
+            self._udp_out.append((buffer, addr, segment))
+        path.tx_bytes += len(datagram)
+        path.tx_packets += packets
+        path.tx_messages += 1
+        path.endpoint = addr
+        if self.settings.adaptive_cap:
+            path.since_decrease += 1
+            path.clean_messages += 1
+            if path.clean_messages >= self.settings.cap_growth_interval and path.cap < self.settings.max_cap:
+                path.cap += 1
+                path.clean_messages = 0
+
+    def _watch_retransmission(self, path: PeerPath, pkt, flow: P.Flow) -> None:
+        l4 = flow.l4_offset
+        if len(pkt) < l4 + P.TCP_MIN_HEADER:
+            return
+        payload = len(pkt) - l4 - P.tcp_header_len(pkt, l4)
+        if payload <= 0:
+            return
+        seq = _I.unpack_from(pkt, l4 + 4)[0]
+        key = (flow.src, flow.dst, flow.sport, flow.dport)
+        expected = path.flows.get(key)
+        end = (seq + payload) & 0xFFFFFFFF
+        if expected is not None and 0 < ((expected - seq) & 0xFFFFFFFF) < 0x80000000:
+            # seq is behind what was already sent: a retransmission, so a message was lost.
+            path.retransmissions_seen += 1
+            if path.since_decrease >= DECREASE_COOLDOWN:
+                # At most one decrease per few messages: one loss makes TCP resend several segments.
+                path.cap = max(1, path.cap // 2)
+                path.clean_messages = 0
+                path.since_decrease = 0
+            if ((end - expected) & 0xFFFFFFFF) >= 0x80000000:
+                return
+        if len(path.flows) > 4096:
+            path.flows.clear()
+        path.flows[key] = end
+
+    def _slow_path(self, pkt, flow: P.Flow, flags: int, gso: int, now: float) -> None:
+        """No session yet: the engine queues the packet and handshakes; checksums done here."""
+        if gso != P.GSO_NONE:
+            self.drops["no_session_superpacket"] += 1  # TCP resends it once the tunnel is up
+            return
+        if flags & P.VNET_NEEDS_CSUM:
+            pkt = bytearray(pkt)
+            P.complete_checksum(pkt, flow)
+        self.engine.send_packet(bytes(pkt), now)
+        self._drain_engine(now)
+
+    def _too_big(self, pkt) -> None:
+        self.drops["too_big"] += 1
+        version = pkt[0] >> 4
+        reporter = self._local_ip_raw if version == 4 else None
+        if reporter is None:
+            return
+        icmp = P.icmp_too_big(pkt, self.settings.overlay_mtu, reporter)
+        if icmp is not None:
+            self._tun_out.append(P.ZERO_VNET_HDR + icmp)
+
+    # ------------------------------------------------------------------ inbound
+
+    def udp_datagram(self, data, addr, now: float, segment_size: int = 0) -> None:
+        """One UDP read; *segment_size* > 0 when the kernel coalesced datagrams of that size (GRO)."""
+        if segment_size and len(data) > segment_size:
+            view = memoryview(data)
+            for at in range(0, len(view), segment_size):
+                self._datagram(view[at : at + segment_size], addr, now)
+        else:
+            self._datagram(data, addr, now)
+
+    def _datagram(self, data, addr, now: float) -> None:
+        if not data:
+            self.drops["udp_empty"] += 1
+            return
+        if data[0] == B.FRAGMENT_TYPE:
+            fragment = B.parse_fragment(data)
+            if fragment is None:
+                self.drops["fragment_malformed"] += 1
+                return
+            message = self.reassembly.add(fragment, addr, now)
+            if message is None:
+                return
+            data = message
+        if data[0] in (self.settings.data_type, self.settings.single_type):
+            opened = self.engine.open_data(data, addr, now)
+            if opened is None:
+                self.drops["data_not_opened"] += 1
+                return
+            session, msg_type, plaintext = opened
+            path = self._path(session)
+            path.rx_bytes += len(data)
+            path.rx_messages += 1
+            if msg_type == self.settings.data_type:
+                records = B.parse_batch(plaintext)
+                if records is None:
+                    self.drops["batch_malformed"] += 1
+                    return
+                for record in records:
+                    self._deliver(session, path, record.packet, record.flags, record.gso_size, now)
+            else:
+                self._deliver(session, path, memoryview(plaintext), 0, 0, now)
+            return
+        self.engine.receive_datagram(bytes(data), addr, now)
+        self._drain_engine(now)
+
+    def _deliver(self, session, path: PeerPath, pkt: memoryview, rflags: int, gso_size: int, now: float) -> None:
+        flow = P.parse_flow(pkt)
+        if flow is None:
+            self.drops["rx_not_ip"] += 1
+            return
+        if not self._allowed_source(session, flow.src):
+            self.drops["rx_spoofed_source"] += 1
+            return
+        if not self._is_local(flow.dst):
+            self.drops["rx_not_for_us"] += 1
+            return
+        peer = self._identity(session)
+        if not self.firewall.allow(
+            INBOUND, flow.proto, flow.dst, flow.dport, flow.src, flow.sport, peer, now, flow.first_fragment
+        ):
+            self.drops["firewall_inbound"] += 1
+            return
+        path.rx_packets += 1
+        if flow.version == 4 and _H.unpack_from(pkt, 2)[0] != len(pkt) and not gso_size:
+            self.drops["rx_bad_length"] += 1
+            return
+        if flow.proto == P.PROTO_TCP and flow.first_fragment and len(pkt) >= flow.l4_offset + P.TCP_MIN_HEADER:
+            self._receive_tcp(pkt, flow, rflags, gso_size)
+            return
+        buf = bytearray(pkt)
+        if rflags & B.FLAG_NEEDS_CSUM:
+            spot = P.prepare_partial_checksum(buf, flow)
+            if spot is None:
+                self.drops["rx_bad_checksum_request"] += 1
+                return
+            hdr = P.VNET_HDR.pack(P.VNET_NEEDS_CSUM, P.GSO_NONE, 0, 0, spot[0], spot[1])
+            self._rx.append(hdr + buf)
+        else:
+            self._rx.append(P.ZERO_VNET_HDR + buf)
+
+    def _receive_tcp(self, pkt: memoryview, flow: P.Flow, rflags: int, gso_size: int) -> None:
+        l4 = flow.l4_offset
+        hdr_len = l4 + P.tcp_header_len(pkt, l4)
+        if hdr_len < l4 + P.TCP_MIN_HEADER or hdr_len > len(pkt):
+            self.drops["rx_bad_tcp"] += 1
+            return
+        payload = len(pkt) - hdr_len
+        flow_key = (flow.src, flow.dst, flow.sport, flow.dport)
+        last = self._rx[-1] if self._rx else None
+        if (
+            payload
+            and type(last) is _RxSuper
+            and last.flow_key == flow_key
+            and not last.closed
+            and (gso_size or payload) <= last.gso_size
+            and last.next_seq == _I.unpack_from(pkt, l4 + 4)[0]
+            and len(last.buf) + payload <= MAX_SUPERPACKET
+            and self._mergeable(last, pkt, l4, hdr_len)
+        ):
+            last.buf += pkt[hdr_len:]
+            last.buf[l4 + 13] |= pkt[l4 + 13] & P.TCP_PSH
+            last.next_seq = (last.next_seq + payload) & 0xFFFFFFFF
+            last.merged = True
+            seg = gso_size or payload
+            if seg < last.gso_size or payload % last.gso_size:
+                last.closed = True
+            return
+        needs_csum = bool(rflags & B.FLAG_NEEDS_CSUM) or gso_size > 0
+        segment = gso_size or payload
+        entry = _RxSuper(flow_key, bytearray(pkt), flow, hdr_len, segment, needs_csum)
+        if not payload or pkt[l4 + 13] & ~(0x10 | P.TCP_PSH):
+            entry.closed = True  # SYN/FIN/RST/URG/ECE/CWR or a bare ACK: deliver as is
+        if pkt[l4 + 13] & P.TCP_PSH:
+            entry.closed = True
+        self._rx.append(entry)
+
+    @staticmethod
+    def _mergeable(last: _RxSuper, pkt, l4: int, hdr_len: int) -> bool:
+        """Same header but for sequence number and checksum (so same ACK, window, options)."""
+        if hdr_len != last.hdr_len:
+            return False
+        flags = pkt[l4 + 13]
+        if flags & ~(0x10 | P.TCP_PSH):
+            return False
+        b = last.buf
+        return (
+            pkt[l4 + 8 : l4 + 13] == b[l4 + 8 : l4 + 13]
+            and pkt[l4 + 14 : l4 + 16] == b[l4 + 14 : l4 + 16]
+            and pkt[l4 + 20 : hdr_len] == b[l4 + 20 : hdr_len]
+            and (last.flow.version == 6 or pkt[1] == b[1])
+        )
+
+    # ------------------------------------------------------------------ outputs and timers
+
+    def take_tun_writes(self) -> list:
+        """Frames (virtio-net header + IP packet) to write to the TUN device, in order."""
+        out = self._tun_out
+        for item in self._rx:
+            out.append(item if type(item) is not _RxSuper else self._finish(item))
+        self._rx = []
+        self._tun_out = []
+        return out
+
+    def _finish(self, entry: _RxSuper) -> bytes:
+        buf, flow, l4 = entry.buf, entry.flow, entry.flow.l4_offset
+        if flow.version == 4:
+            if entry.merged or _H.unpack_from(buf, 2)[0] != len(buf):
+                _H.pack_into(buf, 2, len(buf))
+                _H.pack_into(buf, 10, P.ipv4_header_checksum(buf, l4))
+        else:
+            _H.pack_into(buf, 4, len(buf) - P.IPV6_HEADER)
+        if not (entry.needs_csum or entry.merged):
+            return P.ZERO_VNET_HDR + buf
+        _H.pack_into(buf, l4 + P.TCP_CHECKSUM_OFFSET, P.pseudo_header_sum(buf, flow))
+        payload = len(buf) - entry.hdr_len
+        if payload > entry.gso_size:
+            gso_type = P.GSO_TCPV4 if flow.version == 4 else P.GSO_TCPV6
+            hdr = P.VNET_HDR.pack(P.VNET_NEEDS_CSUM, gso_type, entry.hdr_len, entry.gso_size, l4, P.TCP_CHECKSUM_OFFSET)
+        else:
+            hdr = P.VNET_HDR.pack(P.VNET_NEEDS_CSUM, P.GSO_NONE, entry.hdr_len, 0, l4, P.TCP_CHECKSUM_OFFSET)
+        return hdr + buf
+
+    def take_udp_sends(self) -> list:
+        """(buffer, addr, segment_size): segment_size > 0 means one GSO send of equal-sized datagrams."""
+        out, self._udp_out = self._udp_out, []
+        return out
+
+    def handle_timer(self, now: float) -> None:
+        self.engine.handle_timer(now)
+        self.reassembly.expire(now)
+        if self._last_tick is None or now - self._last_tick >= 10.0:
+            self.firewall.tick(now)
+            self._last_tick = now
+        self._drain_engine(now)
+
+    def get_timer(self) -> float | None:
+        deadlines = [d for d in (self.engine.get_timer(), self.reassembly.next_deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _drain_engine(self, now: float) -> None:
+        for datagram, addr in self.engine.datagrams_to_send():
+            self._udp_out.append((datagram, addr, 0))
+        while True:
+            event = self.engine.next_event()
+            if event is None:
+                break
+            name = type(event).__name__
+            peer_ip = getattr(event, "peer_ip", None)
+            if name == "PacketReceived":
+                self._deliver_event_packet(event, now)
+            elif peer_ip is not None and name == "PeerUp":
+                self.paths.setdefault(peer_ip, PeerPath(self.settings.max_cap)).up_since = now
+                self._identity_cache.clear()
+            elif peer_ip is not None and name == "PeerDown":
+                path = self.paths.get(peer_ip)
+                if path is not None:
+                    path.up_since = None
+
+    def _deliver_event_packet(self, event, now: float) -> None:
+        pkt = memoryview(event.packet)
+        session = self.engine.session_for(event.peer_ip, now)
+        if session is None:
+            self.drops["rx_no_session"] += 1
+            return
+        self._deliver(session, self._path(session), pkt, 0, 0, now)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _path(self, session) -> PeerPath:
+        ip = session.peer_ip
+        path = self.paths.get(ip)
+        if path is None:
+            path = self.paths[ip] = PeerPath(self.settings.max_cap)
+        return path
+
+    def _identity(self, session) -> PeerIdentity:
+        key = id(session)
+        identity = self._identity_cache.get(key)
+        if identity is None or identity[0] is not session:
+            if len(self._identity_cache) > 1024:
+                self._identity_cache.clear()
+            identity = self._identity_cache[key] = (session, identity_of(session))
+        return identity[1]
+
+    def _is_local(self, raw: bytes) -> bool:
+        known = self._local_cache.get(raw)
+        if known is None:
+            if len(self._local_cache) > 4096:
+                self._local_cache.clear()
+            address = ipaddress.ip_address(raw)
+            known = self._local_cache[raw] = any(address in net for net in self._local_nets)
+        return known
+
+    def _allowed_source(self, session, raw: bytes) -> bool:
+        key = (id(session), raw)
+        known = self._spoof_cache.get(key)
+        if known is None:
+            if len(self._spoof_cache) > 4096:
+                self._spoof_cache.clear()
+            known = self._spoof_cache[key] = bool(session.allows_source(ipaddress.ip_address(raw)))
+        return known
+
+    def status(self, now: float) -> dict:
+        """Peers, their path, handshake age, bytes and drops by reason: what ``flatnet status`` shows."""
+        peers = {}
+        for ip, path in self.paths.items():
+            peers[str(ip)] = {
+                "endpoint": _format_endpoint(path.endpoint),
+                "up_for": None if path.up_since is None else round(now - path.up_since, 1),
+                "tx_bytes": path.tx_bytes,
+                "rx_bytes": path.rx_bytes,
+                "tx_packets": path.tx_packets,
+                "rx_packets": path.rx_packets,
+                "tx_messages": path.tx_messages,
+                "rx_messages": path.rx_messages,
+                "segment_cap": path.cap,
+                "retransmissions_seen": path.retransmissions_seen,
+            }
+        drops = Counter(self.drops)
+        drops.update(self.reassembly.drops)
+        drops.update({f"firewall.{k}": v for k, v in self.firewall.drops.items()})
+        drops.update({f"tunnel.{k}": v for k, v in dict(getattr(self.engine, "drops", {}) or {}).items()})
+        return {"peers": peers, "drops": dict(drops), "firewall": self.firewall.status()}
+
+
+def _endpoint(session):
+    for name in ("endpoint", "remote", "addr"):
+        value = getattr(session, name, None)
+        if value is not None:
+            return value
+    raise AttributeError("the tunnel session has no endpoint")
+
+
+def _format_endpoint(endpoint) -> str | None:
+    if endpoint is None:
+        return None
+    if isinstance(endpoint, tuple) and len(endpoint) >= 2:
+        return f"{endpoint[0]}:{endpoint[1]}"
+    return str(endpoint)

@@ -1,0 +1,145 @@
+"""The data plane's thin I/O shell: moves frames between the TUN device, the UDP socket and the
+sans-I/O :class:`~flatnet.node.dataplane.Dataplane`, on asyncio (uvloop) readers.
+
+:func:`pump` is the whole per-wakeup cycle, shared by the asyncio service and the in-memory tests:
+read each ready fd until it would block (bounded, so one side cannot starve the other), then carry
+out what the data plane decided. UDP sends that would block are kept, in order, and the TUN is not
+read again until the socket drains: backpressure instead of loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+BURST = 512  # reads per fd per wakeup
+
+
+class DataplaneIO:
+    def __init__(self, dataplane, tun, udp) -> None:
+        self.dataplane = dataplane
+        self.tun = tun
+        self.udp = udp
+        self.backlog: deque = deque()  # UDP sends waiting for socket space
+        self.tun_write_errors = 0
+
+    def read_tun(self, now: float) -> int:
+        dp, read = self.dataplane, self.tun.read
+        n = 0
+        while n < BURST:
+            frame = read()
+            if frame is None:
+                break
+            dp.tun_frame(frame, now)
+            n += 1
+        dp.flush(now)
+        return n
+
+    def read_udp(self, now: float) -> int:
+        dp, recv = self.dataplane, self.udp.recv
+        n = 0
+        while n < BURST:
+            got = recv()
+            if got is None:
+                break
+            data, addr, segment = got
+            dp.udp_datagram(data, addr, now, segment)
+            n += 1
+        return n
+
+    def emit(self) -> None:
+        backlog = self.backlog
+        backlog.extend(self.dataplane.take_udp_sends())
+        send = self.udp.send
+        while backlog:
+            buffer, addr, segment = backlog[0]
+            if not send(buffer, addr, segment):
+                break
+            backlog.popleft()
+        write = self.tun.write
+        for frame in self.dataplane.take_tun_writes():
+            try:
+                write(frame)
+            except BlockingIOError:
+                self.tun_write_errors += 1  # the kernel's queue is full: lost, as on a wire
+            except OSError:
+                self.tun_write_errors += 1
+                self.dataplane.drops["tun_write_rejected"] += 1
+
+
+def pump(io: DataplaneIO, now: float) -> int:
+    """One cycle, for tests: read both sides until quiet, carry out the decisions. Returns reads."""
+    n = io.read_tun(now)
+    n += io.read_udp(now)
+    if io.dataplane.get_timer() is not None and io.dataplane.get_timer() <= now:
+        io.dataplane.handle_timer(now)
+    io.emit()
+    return n
+
+
+class DataplaneService:
+    """Runs a :class:`DataplaneIO` on the running loop until :meth:`close`."""
+
+    def __init__(self, io: DataplaneIO, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.io = io
+        self.loop = loop or asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tun_paused = False
+        self._writer = False
+
+    def start(self) -> None:
+        self.loop.add_reader(self.io.tun.fileno(), self._on_tun)
+        self.loop.add_reader(self.io.udp.fileno(), self._on_udp)
+        self._arm_timer()
+
+    def _on_tun(self) -> None:
+        self.io.read_tun(self.loop.time())
+        self._after()
+
+    def _on_udp(self) -> None:
+        self.io.read_udp(self.loop.time())
+        self._after()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.io.dataplane.handle_timer(self.loop.time())
+        self._after()
+
+    def _on_writable(self) -> None:
+        self._after()
+
+    def _after(self) -> None:
+        self.io.emit()
+        blocked = bool(self.io.backlog)
+        if blocked and not self._tun_paused:
+            self.loop.remove_reader(self.io.tun.fileno())
+            self._tun_paused = True
+        elif not blocked and self._tun_paused:
+            self.loop.add_reader(self.io.tun.fileno(), self._on_tun)
+            self._tun_paused = False
+        if blocked and not self._writer:
+            self.loop.add_writer(self.io.udp.fileno(), self._on_writable)
+            self._writer = True
+        elif not blocked and self._writer:
+            self.loop.remove_writer(self.io.udp.fileno())
+            self._writer = False
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.io.dataplane.get_timer()
+        if self._timer is not None:
+            if deadline is not None and abs(self._timer.when() - deadline) < 1e-3:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(max(deadline, self.loop.time()), self._on_timer)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._tun_paused:
+            self.loop.remove_reader(self.io.tun.fileno())
+        self.loop.remove_reader(self.io.udp.fileno())
+        if self._writer:
+            self.loop.remove_writer(self.io.udp.fileno())
