@@ -97,6 +97,8 @@ class NodeCertificate(Protocol):
 
     def fingerprint(self) -> Any: ...
 
+    def allows_source(self, ip: IPv4Address) -> bool: ...  # its own IP or inside its subnets
+
 
 @dataclass(frozen=True)
 class LighthouseSettings:
@@ -320,7 +322,7 @@ class LighthouseCore:
         if record is None:
             return self._refuse(sender_ip, fingerprint, 0, "not-registered")
         for svc in msg.services:
-            if svc.ip != cert.ip.ip and not any(svc.ip in n for n in cert.subnets):
+            if not cert.allows_source(svc.ip):
                 return self._refuse(sender_ip, fingerprint, 0, "claim-outside-certificate")
         had = bool(record.services)
         record.services = msg.services

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class CertificateStandIn:
 
     def fingerprint(self) -> bytes:
         return self._fingerprint
+
+    def allows_source(self, ip: IPv4Address) -> bool:
+        return ip == self.ip.ip or any(ip in net for net in self.subnets)
 
 
 def host_certificate(n: int, serial: int = 0, extra_subnets: tuple[str, ...] = ()) -> CertificateStandIn:
