@@ -69,6 +69,7 @@ MAX_SUBNETS = 256
 MAX_TIME = 2**63 - 1
 MAX_CERTIFICATE_SIZE = 16384  # far above any sane certificate; bounds work on hostile input
 UNCONSTRAINED = IPv4Interface("0.0.0.0/0")
+_BYTES_TYPES = (bytes, bytearray, memoryview)
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,13 @@ class Certificate:
     def _encoded(self) -> bytes:
         return self.encode()
 
+    @cached_property
+    def _fingerprint(self) -> bytes:
+        return hashlib.sha256(self._encoded).digest()
+
     def fingerprint(self) -> bytes:
         """SHA-256 of the full encoding (32 bytes): what issuers and blocklists name."""
-        return hashlib.sha256(self._encoded).digest()
+        return self._fingerprint
 
     def fingerprint_hex(self) -> str:
         return self.fingerprint().hex()
@@ -143,7 +148,7 @@ class Certificate:
 
         *ip* may be an IPv4Address, 4 raw bytes (straight from a packet header), an int or a string.
         """
-        if isinstance(ip, bytes | bytearray | memoryview):
+        if isinstance(ip, _BYTES_TYPES):
             if len(ip) != 4:
                 return False
             value = int.from_bytes(ip, "big")
@@ -154,7 +159,10 @@ class Certificate:
         own, ranges = self._source_ranges
         if value == own:
             return True
-        return any(value & mask == network for network, mask in ranges)
+        for network, mask in ranges:  # noqa: SIM110 - a plain loop: no generator per packet
+            if value & mask == network:
+                return True
+        return False
 
     def verify_signature(self, issuer_public_key: bytes) -> bool:
         try:
