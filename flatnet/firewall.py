@@ -220,9 +220,10 @@ class Firewall:
 
 def identity_of(session_or_peer, fallback_ip=None) -> PeerIdentity:
     """The firewall identity of a tunnel session or peer, whatever the protocol core calls its fields."""
-    cert = getattr(session_or_peer, "peer_cert", None) or getattr(session_or_peer, "cert", None)
+    cert = getattr(session_or_peer, "certificate", None) or getattr(session_or_peer, "peer_cert", None)
     source = cert if cert is not None else session_or_peer
     name = getattr(source, "name", None) or getattr(source, "host", None) or getattr(session_or_peer, "peer_name", "")
     groups: Iterable[str] = getattr(source, "groups", None) or getattr(session_or_peer, "peer_groups", ()) or ()
     ip = getattr(source, "ip", None) or getattr(session_or_peer, "peer_ip", None) or fallback_ip
+    ip = getattr(ip, "ip", ip)  # a certificate's IPv4Interface
     return PeerIdentity(str(name), frozenset(groups), ip)

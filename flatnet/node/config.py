@@ -20,6 +20,9 @@ Sections are owned by the part that uses them; every field has its default besid
     [cni]
     subnet = "10.87.1.0/24"        # this host's container subnet (must be in the cert)
 
+    [firewall]                     # optional; default: allow everything within the CA
+    inbound = [{ proto = "tcp", port = "80", groups = ["web"] }]
+
     [gateway]
     admin_url = "http://172.20.0.1:8081"
     token_file = "/etc/flatnet/gateway.token"
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from flatnet import config
 from flatnet.config import port_check, positive_check
+from flatnet.firewall import FirewallConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatnet/node.toml")
 FLATNET_RANGE = ipaddress.IPv4Network("10.87.0.0/16")
@@ -52,6 +56,9 @@ class TunnelConfig:
     listen_port: int = field(default=4242, metadata={"check": port_check})
     tun_name: str = "flatnet0"
     mtu: int = 0  # 0: derive from the underlay interface's MTU
+    underlay_interface: str = ""  # "": the interface of the default route (WSL2: eth0)
+    max_segments: int = 16  # TCP segments sealed in one DATA_BATCH message at most (docs/dataplane.md)
+    adaptive_segments: bool = True  # halve the cap on loss, grow it back while clean
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class NodeConfig:
     peers: list[StaticPeer] = field(default_factory=list)
     cni: CniConfig = field(default_factory=CniConfig)
     gateway: GatewayPushConfig = field(default_factory=GatewayPushConfig)
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)  # flatnet/firewall.py
 
 
 def load_node_config(path: str | Path = DEFAULT_CONFIG_PATH) -> NodeConfig:

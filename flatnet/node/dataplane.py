@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from flatnet.firewall import INBOUND, OUTBOUND, Firewall, PeerIdentity, identity_of
@@ -109,12 +109,14 @@ class Dataplane:
         self._tun_out: list = []
         self._rx: list = []  # _RxSuper or ready bytes, in arrival order
         self._udp_out: list = []
+        self.control_inbox: deque = deque()  # (peer_ip, msg_type, payload) for the node's control side
         self._local_cache: dict[bytes, bool] = {}
         self._spoof_cache: dict = {}
         self._identity_cache: dict = {}
         seed = rng.getrandbits(32) if rng is not None else 0x5EED
         self._message_id = seed & 0xFFFFFFFF
         self._last_tick = None
+        self._now: float | None = None
         # Space for records in one unfragmented message: the tunnel header and tag come off the budget.
         self._small_batch_limit = settings.datagram_budget - 32
 
@@ -188,6 +190,7 @@ class Dataplane:
             if pending[2]:
                 self._flush_one(pending, now)
         self._pending.clear()
+        self._drain_engine(now)  # sealing may have started a rekey
 
     def _flush_one(self, pending, now: float) -> None:
         session, path, records, _ = pending
@@ -196,7 +199,11 @@ class Dataplane:
         pending[3] = 0
 
     def _seal_and_send(self, session, path: PeerPath, payload: bytes, packets: int, now: float) -> None:
-        datagram = session.seal(payload, self.settings.data_type, now)
+        try:
+            datagram = session.seal(payload, self.settings.data_type, now)
+        except Exception:  # expired under our feet (SessionExpiredError): the next packet handshakes
+            self.drops["seal_refused"] += packets
+            return
         addr = _endpoint(session)
         budget = self.settings.datagram_budget
         if len(datagram) <= budget:
@@ -286,27 +293,36 @@ class Dataplane:
             if message is None:
                 return
             data = message
-        if data[0] in (self.settings.data_type, self.settings.single_type):
+        try:
             opened = self.engine.open_data(data, addr, now)
-            if opened is None:
-                self.drops["data_not_opened"] += 1
-                return
-            session, msg_type, plaintext = opened
-            path = self._path(session)
-            path.rx_bytes += len(data)
-            path.rx_messages += 1
-            if msg_type == self.settings.data_type:
-                records = B.parse_batch(plaintext)
-                if records is None:
-                    self.drops["batch_malformed"] += 1
-                    return
-                for record in records:
-                    self._deliver(session, path, record.packet, record.flags, record.gso_size, now)
-            else:
-                self._deliver(session, path, memoryview(plaintext), 0, 0, now)
+        except Exception:  # the engine promises not to raise; a data path never lets one through
+            self.drops["tunnel_internal_error"] += 1
+            opened = None
+        if opened is None:
+            # A handshake, cookie reply, keepalive, or a message that failed: the engine has dealt
+            # with it (and counted it); collect what it wants sent or reported.
+            self._drain_engine(now)
             return
-        self.engine.receive_datagram(bytes(data), addr, now)
-        self._drain_engine(now)
+        session, msg_type, plaintext = opened
+        path = self._path(session)
+        path.rx_bytes += len(data)
+        path.rx_messages += 1
+        if msg_type == self.settings.data_type:
+            records = B.parse_batch(plaintext)
+            if records is None:
+                self.drops["batch_malformed"] += 1
+                return
+            for record in records:
+                self._deliver(session, path, record.packet, record.flags, record.gso_size, now)
+        elif msg_type == self.settings.single_type:
+            self._deliver(session, path, memoryview(plaintext), 0, 0, now)
+        else:
+            # CONTROL / RELAY: not the data plane's; kept (bounded) for the node's control side.
+            if len(self.control_inbox) >= 256:
+                self.drops["control_inbox_full"] += 1
+            else:
+                self.control_inbox.append((session.peer_ip, int(msg_type), bytes(plaintext)))
+        self._now = now  # opening can start a rekey: take_udp_sends collects the engine's datagrams
 
     def _deliver(self, session, path: PeerPath, pkt: memoryview, rflags: int, gso_size: int, now: float) -> None:
         flow = P.parse_flow(pkt)
@@ -427,6 +443,8 @@ class Dataplane:
 
     def take_udp_sends(self) -> list:
         """(buffer, addr, segment_size): segment_size > 0 means one GSO send of equal-sized datagrams."""
+        if self._now is not None:
+            self._drain_engine(self._now)
         out, self._udp_out = self._udp_out, []
         return out
 
@@ -502,7 +520,7 @@ class Dataplane:
         if known is None:
             if len(self._spoof_cache) > 4096:
                 self._spoof_cache.clear()
-            known = self._spoof_cache[key] = bool(session.allows_source(ipaddress.ip_address(raw)))
+            known = self._spoof_cache[key] = bool(session.allows_source(raw))
         return known
 
     def status(self, now: float) -> dict:

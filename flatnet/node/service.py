@@ -10,6 +10,7 @@ read again until the socket drains: backpressure instead of loss.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 BURST = 512  # reads per fd per wakeup
@@ -80,9 +81,12 @@ def pump(io: DataplaneIO, now: float) -> int:
 class DataplaneService:
     """Runs a :class:`DataplaneIO` on the running loop until :meth:`close`."""
 
-    def __init__(self, io: DataplaneIO, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, io: DataplaneIO, loop: asyncio.AbstractEventLoop | None = None, clock=None) -> None:
         self.io = io
         self.loop = loop or asyncio.get_running_loop()
+        # The tunnel's clock is Unix time (certificates are checked against it); timers are armed
+        # on the loop's monotonic clock by the difference.
+        self.clock = clock or time.time
         self._timer: asyncio.TimerHandle | None = None
         self._tun_paused = False
         self._writer = False
@@ -93,16 +97,16 @@ class DataplaneService:
         self._arm_timer()
 
     def _on_tun(self) -> None:
-        self.io.read_tun(self.loop.time())
+        self.io.read_tun(self.clock())
         self._after()
 
     def _on_udp(self) -> None:
-        self.io.read_udp(self.loop.time())
+        self.io.read_udp(self.clock())
         self._after()
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.io.dataplane.handle_timer(self.loop.time())
+        self.io.dataplane.handle_timer(self.clock())
         self._after()
 
     def _on_writable(self) -> None:
@@ -128,12 +132,13 @@ class DataplaneService:
     def _arm_timer(self) -> None:
         deadline = self.io.dataplane.get_timer()
         if self._timer is not None:
-            if deadline is not None and abs(self._timer.when() - deadline) < 1e-3:
+            if deadline is not None and abs(self._timer.when() - self.loop.time() - (deadline - self.clock())) < 1e-3:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
-            self._timer = self.loop.call_at(max(deadline, self.loop.time()), self._on_timer)
+            delay = max(0.0, deadline - self.clock())
+            self._timer = self.loop.call_later(delay, self._on_timer)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -1,0 +1,207 @@
+"""The node's tunnel component: certificates -> TunnelEngine, TUN + UDP + Dataplane, status.
+
+``TunnelComponent(config)`` has the ``async start()`` / ``async stop()`` of flatnet-node's
+components. Start: load the PKI files, create the engine with the static peers, open the TUN device
+(offloads) and configure it over netlink (MTU from the underlay, this node's address, a route for
+the whole Flatnet range), turn forwarding on, masquerade foreign sources (the gateway), open the
+UDP socket, run the I/O shell. Stop: undo all of it (closing the TUN removes its routes).
+
+``status()`` is what ``flatnet status`` shows (the control socket serves it as command "status").
+
+Run alone (tests, benches): ``python -m flatnet.node.tunnel_component --config node.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import time
+
+from flatnet.firewall import Firewall
+from flatnet.node.config import NodeConfig, load_node_config
+from flatnet.node.dataplane import Dataplane, DataplaneSettings
+from flatnet.node.nat import Masquerade
+from flatnet.node.service import DataplaneIO, DataplaneService
+from flatnet.node.tun import TunDevice, enable_forwarding, interface_mtu, restore_forwarding
+from flatnet.node.udp import DatagramEndpoint
+
+log = logging.getLogger("flatnet.node.tunnel")
+
+# Bytes between the underlay MTU and the largest inner packet carried in one datagram: outer IPv4
+# (20) + UDP (8) + transport header (16) + AEAD tag (16) + one batch record header (6).
+OVERHEAD = 20 + 8 + 16 + 16 + 6
+UDP_IP_OVERHEAD = 28
+MAX_SEGMENTS_LIMIT = 40  # a message must fit one GSO send (64 KB)
+
+
+def overlay_mtu_for(underlay_mtu: int) -> int:
+    return underlay_mtu - OVERHEAD
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TunnelComponent:
+    def __init__(self, config: NodeConfig, clock=time.time, masquerade: bool = True) -> None:
+        self.config = config
+        self.clock = clock  # certificates are checked against it: Unix time
+        self.masquerade_enabled = masquerade
+        self.engine = None
+        self.dataplane: Dataplane | None = None
+        self.tun: TunDevice | None = None
+        self.udp: DatagramEndpoint | None = None
+        self.service: DataplaneService | None = None
+        self.masquerade: Masquerade | None = None
+        self._forwarding: str = ""
+        self._timer_task: asyncio.Task | None = None
+
+    def _build_engine(self):
+        from flatnet.pki.cert import TrustStore
+        from flatnet.pki.files import (
+            load_blocklist,
+            load_certificate,
+            load_certificates,
+            load_host_key,
+            parse_fingerprint,
+        )
+        from flatnet.proto.engine import TunnelEngine
+
+        pki = self.config.pki
+        cert = load_certificate(pki.cert)
+        key = load_host_key(pki.key)
+        blocked = set()
+        for item in pki.blocklist:
+            blocked.add(parse_fingerprint(item))
+        blocklist_file = getattr(pki, "blocklist_file", None)
+        if blocklist_file:
+            blocked |= load_blocklist(blocklist_file)
+        trust = TrustStore(load_certificates(pki.ca), blocked)
+        engine = TunnelEngine((cert, key), trust)
+        for peer in self.config.peers:
+            engine.add_peer(peer.ip, [_endpoint(e) for e in peer.endpoints])
+        return engine, cert
+
+    async def start(self) -> None:
+        tunnel = self.config.tunnel
+        self.engine, cert = self._build_engine()
+        underlay = await asyncio.to_thread(interface_mtu, tunnel.underlay_interface or None)
+        inner_mtu = overlay_mtu_for(underlay)
+        local_networks = (ipaddress.ip_network(f"{cert.ip.ip}/32"), *cert.subnets)
+        settings = DataplaneSettings(
+            local_ip=cert.ip.ip,
+            local_networks=local_networks,
+            overlay_mtu=inner_mtu,
+            datagram_budget=underlay - UDP_IP_OVERHEAD,
+            max_cap=max(1, min(tunnel.max_segments, MAX_SEGMENTS_LIMIT)),
+            adaptive_cap=tunnel.adaptive_segments,
+        )
+        self.dataplane = Dataplane(self.engine, Firewall(self.config.firewall), settings)
+        self.tun = TunDevice(tunnel.tun_name)
+        try:
+            # pyroute2's synchronous API runs an asyncio loop of its own: keep it off the running one.
+            await asyncio.to_thread(
+                self.tun.configure, cert.ip.ip, [self.config.flatnet_range], tunnel.mtu or inner_mtu
+            )
+            self._forwarding = enable_forwarding()
+            if self.masquerade_enabled:
+                self.masquerade = Masquerade(self.tun.name, self.config.flatnet_range)
+                await asyncio.to_thread(self.masquerade.install)
+            self.udp = DatagramEndpoint(tunnel.listen_host, tunnel.listen_port)
+        except BaseException:
+            await self._teardown()
+            raise
+        self.service = DataplaneService(DataplaneIO(self.dataplane, self.tun, self.udp), clock=self.clock)
+        self.service.start()
+        log.info(
+            "tunnel up: %s %s/32, MTU %d (underlay %d), UDP %s, %d static peers",
+            self.tun.name, cert.ip.ip, tunnel.mtu or inner_mtu, underlay, self.udp.address, len(self.config.peers),
+        )
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+        if self.masquerade is not None:
+            await asyncio.to_thread(self.masquerade.remove)
+            self.masquerade = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if self._forwarding:
+            restore_forwarding(self._forwarding)
+            self._forwarding = ""
+
+    def status(self) -> dict:
+        """Peers (path, handshake age, bytes), drops by reason, firewall: for ``flatnet status``."""
+        now = self.clock()
+        if self.dataplane is None:
+            return {"running": False}
+        status = self.dataplane.status(now)
+        for ip, peer in (self.engine.peers if self.engine is not None else {}).items():
+            entry = status["peers"].setdefault(str(ip), {})
+            entry.update(
+                {
+                    "name": peer.name,
+                    "up": peer.up,
+                    "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else None,
+                    "handshake_age": None if peer.last_handshake_at is None else round(now - peer.last_handshake_at, 1),
+                    "handshake_pending": peer.handshake_pending,
+                    "queued_packets": peer.queued_packets,
+                    "tunnel_rx_bytes": peer.rx_bytes,
+                    "tunnel_tx_bytes": peer.tx_bytes,
+                }
+            )
+        status["running"] = True
+        return status
+
+    def register(self, control) -> None:
+        """Serve ``status`` on the node's control socket."""
+
+        async def status(request: dict) -> dict:
+            return self.status()
+
+        control.register("status", status)
+
+
+async def _run_alone(config: NodeConfig) -> None:
+    component = TunnelComponent(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(json.dumps(component.status()), flush=True))
+    await component.start()
+    print("ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        print(json.dumps(component.status()), flush=True)
+        await component.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flatnet-tunnel", description="flatnet-node's tunnel alone")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import uvloop
+
+    uvloop.run(_run_alone(load_node_config(args.config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
