@@ -31,9 +31,9 @@ from cni.spec import (
     ERR_IO,
     ERR_PLUGIN_NOT_AVAILABLE,
     GC_VALID_ATTACHMENTS,
-    Attachment,
     CniError,
     CniRequest,
+    add_result,
 )
 
 DEFAULT_DATA_DIR = "/var/lib/flatnet/cni"
@@ -87,6 +87,29 @@ class PluginConfig:
 
     def pool(self) -> AddressPool:
         return AddressPool(self.data_dir, self.network, self.subnet, self.gateway)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What ADD gave a container: the facts every result version is built from."""
+
+    container_ifname: str
+    container_mac: str
+    sandbox: str
+    host_ifname: str
+    host_mac: str
+    address: ipaddress.IPv4Interface  # the container's address with the subnet's prefix length
+    gateway: ipaddress.IPv4Address
+    routes: tuple[ipaddress.IPv4Network, ...]  # each via the gateway
+
+    def result(self, cni_version: str) -> dict[str, Any]:
+        interfaces = [
+            {"name": self.host_ifname, "mac": self.host_mac},
+            {"name": self.container_ifname, "mac": self.container_mac, "sandbox": self.sandbox},
+        ]
+        ips = [{"address": str(self.address), "gateway": str(self.gateway), "interface": 1}]
+        routes = [{"dst": str(dst), "gw": str(self.gateway)} for dst in self.routes]
+        return add_result(cni_version, interfaces, ips, routes)
 
 
 @dataclass(frozen=True)

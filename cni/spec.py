@@ -1,8 +1,9 @@
 """The CNI contract: versions, error codes, the request a runtime makes, and the results we give.
 
 Everything the CNI specification fixes lives in this file (SPEC.md of containernetworking/cni,
-"Execution Protocol", "Result Types" and "Error" sections). Standard library only: the plugin
-executable imports this module on every call, and Podman calls VERSION on every config reload.
+"Execution Protocol", "Result Types" and "Error" sections). Imports nothing at module level (not
+even json, dataclasses or ipaddress: together they would double the executable's start-up time),
+because the plugin imports this module on every call and Podman calls VERSION on every reload.
 
 A request is the process environment (``CNI_COMMAND``, ``CNI_CONTAINERID``, ``CNI_NETNS``,
 ``CNI_IFNAME``, ``CNI_ARGS``, ``CNI_PATH``) plus the network configuration on stdin.
@@ -12,11 +13,11 @@ plugin prints ``error.to_json()`` on stdout and exits 1.
 
 from __future__ import annotations
 
-import ipaddress
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+TYPE_CHECKING = False  # not `from typing import ...`: typing costs ~5 ms of start-up
+
+if TYPE_CHECKING:  # typing only: at run time this module imports nothing (start-up time, see above)
+    from collections.abc import Mapping
+    from typing import Any
 
 # Versions whose ADD result format we produce. GC and STATUS exist from 1.1.0 on, CHECK from 0.4.0.
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -69,19 +70,29 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("."))
 
 
-@dataclass(frozen=True)
 class CniRequest:
-    """One invocation: the environment's CNI_* variables and the parsed network configuration."""
+    """One invocation: the environment's CNI_* variables and the parsed network configuration.
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    args: dict[str, str] = field(default_factory=dict)
-    path: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    # Podman's own configuration files, passed through so the node can ask Podman for labels.
-    podman_env: dict[str, str] = field(default_factory=dict)
+    ``podman_env``: Podman's own configuration files (``CONTAINERS_CONF``...), passed through so the
+    node can ask the same Podman for the container's labels.
+    """
+
+    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path", "config", "podman_env")
+
+    def __init__(self, command: str, container_id: str = "", netns: str = "", ifname: str = "",
+                 args: dict[str, str] | None = None, path: str = "", config: dict[str, Any] | None = None,
+                 podman_env: dict[str, str] | None = None) -> None:
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = args or {}
+        self.path = path
+        self.config = config or {}
+        self.podman_env = podman_env or {}
+
+    def __repr__(self) -> str:
+        return f"CniRequest({self.command} {self.container_id[:12]} {self.ifname} {self.netns})"
 
     @property
     def cni_version(self) -> str:
@@ -140,6 +151,8 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
     """Validate the environment and the configuration; raise :class:`CniError` with the spec's code."""
+    import json
+
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CniError(ERR_INVALID_ENV, "invalid CNI_COMMAND", f"expected one of {', '.join(COMMANDS)}, got {command!r}")
@@ -184,33 +197,27 @@ def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
     )
 
 
-def version_result(requested: str | None) -> dict[str, Any]:
-    """The VERSION answer; ``cniVersion`` echoes the runtime's version when we speak it."""
+def requested_version(stdin: bytes) -> str | None:
+    """VERSION's ``cniVersion`` without the json module (VERSION must answer fast, see module doc)."""
+    text = stdin.decode("utf-8", "replace")
+    key = text.find('"cniVersion"')
+    if key < 0:
+        return None
+    start = text.find('"', text.find(":", key) + 1)
+    end = text.find('"', start + 1)
+    return text[start + 1:end] if start >= 0 and end > start else None
+
+
+def version_answer(requested: str | None) -> str:
+    """The VERSION answer (JSON text); ``cniVersion`` echoes the runtime's version when we speak it."""
     version = requested if requested in SUPPORTED_VERSIONS else "1.0.0"
-    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    supported = ", ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
+    return f'{{"cniVersion": "{version}", "supportedVersions": [{supported}]}}'
 
 
-@dataclass(frozen=True)
-class Attachment:
-    """What ADD gave a container: the facts every result version is built from."""
-
-    container_ifname: str
-    container_mac: str
-    sandbox: str
-    host_ifname: str
-    host_mac: str
-    address: ipaddress.IPv4Interface  # the container's address with the subnet's prefix length
-    gateway: ipaddress.IPv4Address
-    routes: tuple[ipaddress.IPv4Network, ...]  # each via the gateway
-
-    def result(self, cni_version: str) -> dict[str, Any]:
-        """The ADD result in *cni_version*'s format (0.3.x/0.4.0 carry ``"version": "4"`` on IPs)."""
-        interfaces = [
-            {"name": self.host_ifname, "mac": self.host_mac},
-            {"name": self.container_ifname, "mac": self.container_mac, "sandbox": self.sandbox},
-        ]
-        ip: dict[str, Any] = {"address": str(self.address), "gateway": str(self.gateway), "interface": 1}
-        if version_tuple(cni_version) < (1, 0, 0):
-            ip["version"] = "4"
-        routes = [{"dst": str(dst), "gw": str(self.gateway)} for dst in self.routes]
-        return {"cniVersion": cni_version, "interfaces": interfaces, "ips": [ip], "routes": routes, "dns": {}}
+def add_result(cni_version: str, interfaces: list[dict[str, Any]], ips: list[dict[str, Any]],
+               routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """An ADD result in *cni_version*'s format: before 1.0.0 each IP carries ``"version": "4"``."""
+    if version_tuple(cni_version) < (1, 0, 0):
+        ips = [{**ip, "version": "4"} for ip in ips]
+    return {"cniVersion": cni_version, "interfaces": interfaces, "ips": ips, "routes": routes, "dns": {}}

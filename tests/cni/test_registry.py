@@ -1,0 +1,116 @@
+"""Registration: what a container publishes, the host's registry, and pushing it to the gateway."""
+
+import asyncio
+import ipaddress
+
+import pytest
+
+from flatnet.node.cni_service import (
+    GatewayAdminAdapter,
+    GatewayPusher,
+    ServiceRegistry,
+    route_name,
+    service_for,
+)
+from tests.cni.fakes import FakeAdminClient, RecordingAdminServer
+
+IP = ipaddress.IPv4Address("10.87.1.5")
+
+
+def test_port_comes_from_the_label_then_the_port_mappings_then_80():
+    mappings = [{"hostPort": 8443, "containerPort": 53, "protocol": "udp"},
+                {"hostPort": 8080, "containerPort": 3000, "protocol": "tcp"}]
+    assert service_for("c1", "web", IP, {"flatnet.port": "5000"}, mappings).port == 5000
+    assert service_for("c1", "web", IP, {}, mappings).port == 3000
+    assert service_for("c1", "web", IP, {}, []).port == 80
+    assert service_for("c1", "web", IP, {"flatnet.port": "notaport"}, []).port == 80
+
+
+def test_name_and_opt_out_come_from_labels():
+    s = service_for("0123456789abcdef", "My_App.1", IP, {}, [])
+    assert (s.name, s.expose, s.backend) == ("my-app-1", True, "10.87.1.5:80")
+    assert service_for("c1", "x", IP, {"flatnet.name": "Shop"}, []).name == "shop"
+    assert not service_for("c1", "x", IP, {"flatnet.expose": "false"}, []).expose
+    assert route_name("___", "c-0123") == "c-0123"
+
+
+def test_registry_routes_skip_opted_out_and_merge_shared_names():
+    registry = ServiceRegistry()
+    registry.put(service_for("a", "web", IP, {}, []))
+    registry.put(service_for("b", "web", ipaddress.IPv4Address("10.87.1.6"), {}, []))
+    registry.put(service_for("c", "db", ipaddress.IPv4Address("10.87.1.7"), {"flatnet.expose": "no"}, []))
+    routes = registry.routes("wsl-a")
+    assert list(routes) == ["web"]
+    assert routes["web"] == {"name": "web", "backends": ["10.87.1.5:80", "10.87.1.6:80"], "mode": "strip",
+                             "port": None, "owner": "wsl-a"}
+    generation = registry.generation
+    registry.put(service_for("a", "web", IP, {}, []))  # unchanged: no new generation
+    assert registry.generation == generation
+    registry.remove("a")
+    assert registry.routes("wsl-a")["web"]["backends"] == ["10.87.1.6:80"]
+
+
+async def test_pusher_syncs_first_then_sends_changes_and_heals_after_a_failure():
+    registry = ServiceRegistry()
+    registry.put(service_for("a", "web", IP, {}, []))
+    gateway = FakeAdminClient()
+    pusher = GatewayPusher(registry, gateway, "wsl-a", resync_interval=3600, retry_interval=0.01)
+    await pusher.push_once()
+    assert gateway.calls == [("sync", pusher.sync_generation)]
+    registry.put(service_for("b", "api", ipaddress.IPv4Address("10.87.1.6"), {"flatnet.port": "8000"}, []))
+    registry.remove("a")
+    await pusher.push_once()
+    assert gateway.calls[1:] == [("delete", "web"), ("upsert", "api")]
+    assert gateway.routes["api"]["backends"] == ["10.87.1.6:8000"]
+
+    gateway.fail = 1
+    registry.remove("b")
+    with pytest.raises(ConnectionError):
+        await pusher.push_once()
+    assert pusher.published is None  # the next push is a full sync
+    first_generation = pusher.sync_generation
+    await pusher.push_once()
+    assert gateway.calls[-1] == ("sync", first_generation + 1)
+    assert gateway.routes == {}
+
+
+async def test_pusher_loop_pushes_each_change_and_retries():
+    registry = ServiceRegistry()
+    gateway = FakeAdminClient()
+    gateway.fail = 2  # the gateway is down at first
+    pusher = GatewayPusher(registry, gateway, "wsl-a", resync_interval=3600, retry_interval=0.01)
+    task = asyncio.create_task(pusher.run())
+    try:
+        registry.put(service_for("a", "web", IP, {}, []))
+        async with asyncio.timeout(5):
+            while "web" not in gateway.routes:
+                gateway.changed.clear()
+                await gateway.changed.wait()
+            registry.remove("a")
+            while gateway.routes:
+                gateway.changed.clear()
+                await gateway.changed.wait()
+        assert pusher.failures == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_adapter_speaks_the_gateways_admin_api():
+    server = RecordingAdminServer()
+    await server.start()
+    try:
+        adapter = GatewayAdminAdapter(server.url, "secret")
+        route = service_for("a", "web", IP, {}, []).route_json("wsl-a")
+        await adapter.upsert(route)
+        await adapter.sync("wsl-a", 7, [route])
+        await adapter.delete("web")
+        await adapter.close()
+    finally:
+        await server.close()
+    (m1, p1, b1), (m2, p2, b2), (m3, p3, _) = server.requests
+    assert (m1, p1) == ("PUT", "/api/v1/routes/web")
+    assert b1["backends"] == ["10.87.1.5:80"] and b1["owner"] == "wsl-a" and b1["mode"] == "strip"
+    assert (m2, p2, b2["owner"], b2["generation"]) == ("POST", "/api/v1/sync", "wsl-a", 7)
+    assert [r["name"] for r in b2["routes"]] == ["web"]
+    assert (m3, p3) == ("DELETE", "/api/v1/routes/web")
