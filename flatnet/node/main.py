@@ -107,7 +107,15 @@ def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
         node.pusher = GatewayPusher(registry, admin_client, config.name, config.gateway.resync_interval,
                                     config.gateway.retry_interval)
         node.components.append(PusherComponent(node.pusher, admin_client))
-    # A Dataplane (TUN + tunnels) is appended here by the data-plane issue.
+    # The tunnel (TUN + UDP + Dataplane, flatnet/node/tunnel_component.py); its status on the socket.
+    from flatnet.node.tunnel_component import TunnelComponent
+
+    if config.pki.cert.exists():
+        tunnel = TunnelComponent(config)
+        tunnel.register(control)
+        node.components.append(tunnel)
+    else:  # a node without a certificate serves its own host's containers only (and says so)
+        log.error("no certificate at %s: the tunnel is off (see `flatnet cert sign`)", config.pki.cert)
     return node
 
 
