@@ -352,3 +352,27 @@ def test_truncated_or_spliced_bytes_never_yield_a_trusted_certificate(ca, alice,
     store = TrustStore([ca[0]])
     with pytest.raises(CertificateError):
         store.verify(Certificate.decode(encoded[:cut] + tail), T0 + 10)
+
+
+msgpack_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=70)
+)
+msgpack_values = msgpack_scalars | st.lists(
+    msgpack_scalars | st.lists(msgpack_scalars, max_size=3), max_size=4
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(msgpack_values, min_size=3, max_size=3), st.lists(msgpack_values, min_size=10, max_size=10))
+def test_well_formed_msgpack_of_any_shape_only_ever_raises_certificate_error(outer, details):
+    # Arrays shaped like a certificate reach the field checks that arbitrary bytes rarely reach.
+    for value in (outer, [1, details, outer[2]]):
+        try:
+            Certificate.decode(msgpack.packb(value, use_bin_type=True))
+        except CertificateError as exc:
+            assert exc.reason == "malformed"
