@@ -14,6 +14,9 @@ Endpoints (paths as the app sees them, i.e. after a strip-mode gateway removed i
 - ``GET /ws``             WebSocket echo (text and binary)
 - ``GET /health``         ``ok``
 
+With ``--base-path /x`` every path above lives under ``/x`` instead (an app configured with its base
+path, like Forgejo's ``ROOT_URL``), and its redirects include it.
+
 HTTP/1.1 with keep-alive and chunked request bodies; WebSocket through the sans-I/O protocol of
 the ``websockets`` package. Not a general web server: enough for tests, honest about errors.
 """
@@ -29,9 +32,7 @@ import signal
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.datastructures import Headers
 from websockets.frames import Opcode
-from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -46,8 +47,9 @@ class BadRequest(Exception):
 
 
 class WebApp:
-    def __init__(self, name: str = "webapp") -> None:
+    def __init__(self, name: str = "webapp", base_path: str = "") -> None:
         self.name = name
+        self.base_path = base_path.rstrip("/")  # "/based": the app lives under it (gateway "pass" mode)
         self.requests = 0
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
@@ -59,12 +61,12 @@ class WebApp:
                 head = await _read_head(reader)
                 if head is None:
                     break
-                method, target, headers = head
+                method, target, headers, raw_head = head
                 self.requests += 1
                 keep_alive = headers.get("connection", "").lower() != "close"
                 path = urlsplit(target).path
                 if path == "/ws" and headers.get("upgrade", "").lower() == "websocket":
-                    await self._websocket(target, headers, reader, writer)
+                    await self._websocket(raw_head, reader, writer)
                     break
                 await self._dispatch(method, target, headers, reader, writer)
                 if not keep_alive:
@@ -84,6 +86,13 @@ class WebApp:
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
+        if self.base_path:
+            if path != self.base_path and not path.startswith(self.base_path + "/"):
+                await _consume_body(reader, headers)
+                return await _respond(writer, 404, {"Content-Type": "text/plain"},
+                                      f"{self.name}: no {path} (I live under {self.base_path}/)\n".encode())
+            path = path[len(self.base_path):] or "/"
+        base = self.base_path
         if method == "POST" and path == "/upload":
             count, digest = await _consume_body(reader, headers)
             body = json.dumps({"bytes": count, "sha256": digest}).encode()
@@ -112,13 +121,13 @@ class WebApp:
             return await _respond(writer, 200, {"Content-Type": "application/json"}, body)
         if path == "/login":
             return await _respond(writer, 302, {
-                "Location": "/home",
+                "Location": f"{base}/home",
                 "Set-Cookie": f"session={self.name}-ok; Path=/; HttpOnly",
             }, b"")
         if path == "/login-absolute":
             host = headers.get("host", "localhost")
             return await _respond(writer, 302, {
-                "Location": f"http://{host}/home",
+                "Location": f"http://{host}{base}/home",
                 "Set-Cookie": f"session={self.name}-abs; Path=/",
             }, b"")
         if path == "/home":
@@ -142,9 +151,11 @@ class WebApp:
             return
         return await _respond(writer, 404, {"Content-Type": "text/plain"}, f"{self.name}: no {path}\n".encode())
 
-    async def _websocket(self, target, headers, reader, writer) -> None:
+    async def _websocket(self, raw_head: bytes, reader, writer) -> None:
+        # The protocol object parses the handshake itself: hand it the request head as received.
         protocol = ServerProtocol()
-        request = Request(target, Headers(headers))
+        protocol.receive_data(raw_head)
+        (request,) = protocol.events_received()
         response = protocol.accept(request)
         protocol.send_response(response)
         _flush(protocol, writer)
@@ -164,7 +175,8 @@ class WebApp:
                     protocol.send_binary(frame.data)
             _flush(protocol, writer)
             await writer.drain()
-            if not data:
+            # After the close handshake the server closes the TCP connection first (RFC 6455 7.1.1).
+            if not data or protocol.close_expected():
                 break
 
 
@@ -186,20 +198,22 @@ async def _read_head(reader: asyncio.StreamReader):
         raise BadRequest("request line too long") from None
     if not line:
         return None
+    raw = [line]
     parts = line.decode("latin-1").rstrip("\r\n").split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise BadRequest(f"bad request line {line[:80]!r}")
     headers: dict[str, str] = {}
     while True:
-        raw = await reader.readline()
-        if raw in (b"\r\n", b"\n", b""):
+        header_line = await reader.readline()
+        raw.append(header_line)
+        if header_line in (b"\r\n", b"\n", b""):
             break
-        name, sep, value = raw.decode("latin-1").partition(":")
+        name, sep, value = header_line.decode("latin-1").partition(":")
         if not sep:
-            raise BadRequest(f"bad header line {raw[:80]!r}")
+            raise BadRequest(f"bad header line {header_line[:80]!r}")
         key = name.strip().lower()
         headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    return parts[0], parts[1], headers
+    return parts[0], parts[1], headers, b"".join(raw)
 
 
 async def _consume_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> tuple[int, str]:
@@ -246,8 +260,8 @@ async def _respond(writer: asyncio.StreamWriter, status: int, headers: dict[str,
     await writer.drain()
 
 
-async def _main(host: str, port: int, name: str) -> None:
-    app = WebApp(name)
+async def _main(host: str, port: int, name: str, base_path: str) -> None:
+    app = WebApp(name, base_path)
     server = await app.serve(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -262,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flatnet.testing.webapp", description=__doc__.split("\n")[0])
     parser.add_argument("--listen", default="0.0.0.0:8080", help="address:port (default %(default)s)")
     parser.add_argument("--name", default="webapp", help="name shown on its pages")
+    parser.add_argument("--base-path", default="", help="serve under this path, e.g. /forge (default: /)")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
-    asyncio.run(_main(host, int(port), args.name))
+    asyncio.run(_main(host, int(port), args.name, args.base_path))
     return 0
 
 
