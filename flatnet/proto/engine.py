@@ -622,6 +622,7 @@ class TunnelEngine:
         peer.previous, peer.current = peer.current, session
         session.confirmed = True
         peer.last_handshake_at = now
+        self._cancel_pending(peer)  # a crossing handshake of ours is superseded by this one
         peer.attempts_started_at = None
         old_cert = peer.certificate
         peer.certificate = session.certificate
@@ -659,7 +660,8 @@ class TunnelEngine:
             self._expire_sessions(peer, now)
             pending = peer.pending
             if pending is not None and now >= pending.retry_at:
-                if now - peer.attempts_started_at >= REKEY_ATTEMPT_TIME:
+                started = peer.attempts_started_at if peer.attempts_started_at is not None else pending.sent_at
+                if now - started >= REKEY_ATTEMPT_TIME:
                     self._give_up(peer)
                 else:
                     self.stats["initiation-retry"] += 1

@@ -60,7 +60,7 @@ class Wire:
         self.rng = random.Random(seed)
         self.loss, self.duplicate, self.reorder = loss, duplicate, reorder
         self.now = T0
-        self.log: list[tuple[tuple, tuple, bytes]] = []  # (src, dst, datagram): everything sent
+        self.log: list[tuple[float, tuple, tuple, bytes]] = []  # (time, src, dst, datagram): everything sent
         self.held: list[tuple[tuple, tuple, bytes]] = []
 
     def add(self, node: Node) -> Node:
@@ -72,7 +72,7 @@ class Wire:
         for node in self.nodes.values():
             for data, dst in node.engine.datagrams_to_send():
                 out.append((node.addr, tuple(dst), bytes(data)))
-        self.log.extend(out)
+        self.log.extend((self.now, *item) for item in out)
         return out
 
     def run(self, rounds: int = 20) -> None:
@@ -144,3 +144,33 @@ def pair(wire: Wire | None = None, ca=None, **kw) -> tuple[Wire, Node, Node]:
     b.engine.add_peer("10.87.1.1", [a.addr])
     wire.ca = ca
     return wire, a, b
+
+
+def snapshot(engine: TunnelEngine):
+    """Everything about an engine that bad input must not change (counters excluded; rate-limiter
+    tokens excluded: any mac1-valid initiation spends one, by design)."""
+
+    def session_state(s):
+        if s is None:
+            return None
+        return (s.local_index, s.remote_index, s.created_at, s.is_initiator, s.confirmed, s.send_counter,
+                s.replay.highest, s.replay.bitmap, s.certificate.fingerprint())
+
+    peers = {}
+    for ip, p in engine._peers.items():
+        pending = p.pending
+        peers[ip] = (
+            tuple(p.endpoints), p.endpoint, p.up, p.certificate.fingerprint() if p.certificate else None,
+            session_state(p.current), session_state(p.previous), session_state(p.next),
+            (pending.local_index, pending.retry_at, pending.state.handshake_hash) if pending else None,
+            p.attempts_started_at, p.cookie, tuple(p.queue), p.last_initiation_timestamp, p.last_sent_at,
+            p.last_received_at, p.awaiting_reply_since, p.last_handshake_at, p.rx_bytes, p.tx_bytes,
+        )
+    return (
+        peers,
+        sorted(engine._sessions),
+        sorted(engine._pending),
+        list(engine._outbox),
+        list(engine._events),
+        engine.get_timer(),
+    )
