@@ -136,9 +136,16 @@ class Dataplane:
         if not self._is_local(flow.src):
             self.drops["tun_source_not_local"] += 1
             return
+        gso = gso_type & ~P.GSO_ECN
+        if (
+            gso == P.GSO_NONE
+            and len(pkt) > self.settings.overlay_mtu
+            and (flow.version == 6 or P.ipv4_dont_fragment(pkt))
+        ):
+            self._too_big(pkt)
+            return
         dst = ipaddress.ip_address(flow.dst)
         session = self.engine.session_for(dst, now)
-        gso = gso_type & ~P.GSO_ECN
         if session is None:
             self._slow_path(pkt, flow, flags, gso, now)
             return
@@ -168,9 +175,6 @@ class Dataplane:
             return
         if gso != P.GSO_NONE:
             self.drops["tun_unsupported_gso"] += 1
-            return
-        if len(pkt) > self.settings.overlay_mtu and (flow.version == 6 or P.ipv4_dont_fragment(pkt)):
-            self._too_big(pkt)
             return
         record = B.record_header(len(pkt), rflags, 0) + pkt
         if len(record) > self._small_batch_limit:

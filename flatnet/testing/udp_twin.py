@@ -43,13 +43,15 @@ class UdpTwin:
         """(data, addr, segment_size) or None when nothing is waiting."""
         return self.inbox.popleft() if self.inbox else None
 
-    def send(self, buffer, addr, segment_size: int = 0) -> None:
+    def send(self, buffer, addr, segment_size: int = 0) -> bool:
+        """Always True: the twin's socket buffer never fills."""
         data = bytes(buffer)
         if segment_size:
             for at in range(0, len(data), segment_size):
                 self.network.carry(data[at : at + segment_size], self.addr, addr)
         else:
             self.network.carry(data, self.addr, addr)
+        return True
 
     def close(self) -> None:
         self.closed = True
