@@ -16,12 +16,13 @@ from flatnet.proto.constants import PROTOCOL_VERSION, REJECT_AFTER_MESSAGES, REJ
 from flatnet.proto.errors import SessionExpiredError
 from flatnet.proto.header import TRANSPORT_TYPES, MessageType
 from flatnet.proto.replay import ReplayWindow
-from flatnet.proto.transport_header import HEADER, HEADER_SIZE, NONCE_PREFIX, TAG_SIZE
+from flatnet.proto.transport_header import HEADER, HEADER_SIZE, NONCE_PREFIX
 
 if TYPE_CHECKING:
     from flatnet.proto.engine import Peer, TunnelEngine
 
-_pack_header_into = HEADER.pack_into
+_pack_header = HEADER.pack
+_DATA = MessageType.DATA
 
 
 class TransportSession:
@@ -99,21 +100,19 @@ class TransportSession:
 
     # -- the hot path -----------------------------------------------------------------------------
 
-    def seal(self, payload: bytes, msg_type: MessageType = MessageType.DATA, now: float = 0.0) -> bytearray:
+    def seal(self, payload: bytes, msg_type: MessageType = MessageType.DATA, now: float = 0.0) -> bytes:
         """The full datagram carrying `payload` as `msg_type`. Raises SessionExpiredError past the limits.
 
         After sealing, drain `engine.datagrams_to_send()`: sealing may have started a rekey.
         """
         counter = self.send_counter
-        if not self.can_send(now):
+        if counter >= REJECT_AFTER_MESSAGES or now - self.created_at >= REJECT_AFTER_TIME or not self.confirmed:
             raise SessionExpiredError(f"session {self.local_index} cannot send (expired or unconfirmed)")
-        if msg_type not in TRANSPORT_TYPES:
+        if msg_type is not _DATA and msg_type not in TRANSPORT_TYPES:
             raise ValueError(f"{msg_type!r} is not a transport message type")
         self.send_counter = counter + 1
-        out = bytearray(HEADER_SIZE + len(payload) + TAG_SIZE)
-        _pack_header_into(out, 0, msg_type, PROTOCOL_VERSION, 0, self.remote_index, counter)
-        header = bytes(out[:HEADER_SIZE])
-        self._send.encrypt_into(NONCE_PREFIX + header[8:], payload, header, memoryview(out)[HEADER_SIZE:])
+        header = _pack_header(msg_type, PROTOCOL_VERSION, 0, self.remote_index, counter)
+        out = header + self._send.encrypt(NONCE_PREFIX + header[8:], payload, header)
         self._engine._after_seal(self, len(out), bool(payload), now)
         return out
 
@@ -123,8 +122,8 @@ class TransportSession:
         The engine checks the replay window before and updates it after (see TunnelEngine.open_data).
         """
         try:
-            return self._recv.decrypt(
-                NONCE_PREFIX + bytes(datagram[8:HEADER_SIZE]), bytes(datagram[HEADER_SIZE:]), bytes(datagram[:HEADER_SIZE])
-            )
+            if type(datagram) is not bytes:
+                datagram = bytes(datagram)
+            return self._recv.decrypt(NONCE_PREFIX + datagram[8:HEADER_SIZE], datagram[HEADER_SIZE:], datagram[:HEADER_SIZE])
         except InvalidTag:
             return None
