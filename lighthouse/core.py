@@ -148,6 +148,8 @@ def _usable_endpoint(host: str) -> bool:
 def _normalise_addr(addr: Any) -> Endpoint:
     """asyncio addresses may be (host, port, flowinfo, scope) or an IPv4-mapped IPv6 host."""
     host, port = addr[0], addr[1]
+    if ":" not in host:
+        return host, port
     ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         host = str(ip.ipv4_mapped)
@@ -205,9 +207,9 @@ class LighthouseCore:
         self, payload: bytes, sender_cert: NodeCertificate, observed_addr: Any, now: float
     ) -> list[Outgoing]:
         """Handle one authenticated control payload; return what to send (possibly nothing)."""
-        sender_ip = int(sender_cert.ip.ip)
+        sender = sender_cert.ip.ip  # (a property that builds a new IPv4Address: read it once)
         fingerprint = sender_cert.fingerprint()
-        record = self._nodes.get(sender_ip)
+        record = self._nodes.get(int(sender))
         if record is not None and record.fingerprint != fingerprint:
             record = None  # another certificate for that IP: it must register to take over
         bucket = record if record is not None else self._stranger_bucket(fingerprint, now)
@@ -234,7 +236,7 @@ class LighthouseCore:
             self.counters["drop.not-for-lighthouse"] += 1
             return []
         self.counters[f"rx.{type(msg).__name__}"] += 1
-        return handler(self, msg, sender_cert, fingerprint, record, observed, observed_packed, now)
+        return handler(self, msg, sender_cert, sender, fingerprint, record, observed, observed_packed, now)
 
     def tick(self, now: float) -> None:
         """Expire records whose soft state ran out."""
@@ -253,9 +255,9 @@ class LighthouseCore:
         payload = encode_control_message(Refused(request_id, reason))
         return [Outgoing(IPv4Address(sender_ip), fingerprint, payload)]
 
-    def _on_register(self, msg: Register, cert, fingerprint, record, observed, observed_packed, now):
-        sender_ip = int(cert.ip.ip)
-        if msg.ip != cert.ip.ip or not all(self._cert_allows_subnet(cert, n) for n in msg.subnets):
+    def _on_register(self, msg: Register, cert, sender, fingerprint, record, observed, observed_packed, now):
+        sender_ip = int(sender)
+        if msg.ip != sender or not all(self._cert_allows_subnet(cert, n) for n in msg.subnets):
             return self._refuse(sender_ip, fingerprint, 0, "claim-outside-certificate")
         new = record is None
         if new:
@@ -289,14 +291,14 @@ class LighthouseCore:
         )
         record.expires = now + self.settings.node_ttl
         ack = RegisterAck(observed, int(self.settings.node_ttl), new)
-        return [Outgoing(cert.ip.ip, fingerprint, encode_control_message(ack))]
+        return [Outgoing(sender, fingerprint, encode_control_message(ack))]
 
-    def _on_query(self, msg: Query, cert, fingerprint, record, observed, observed_packed, now):
+    def _on_query(self, msg: Query, cert, sender, fingerprint, record, observed, observed_packed, now):
         owner = self._owner_of(int(msg.address))
         s = self.settings
         if owner is None:
             reply = QueryReply(msg.request_id, msg.address, False, ttl=0)
-            return [Outgoing(cert.ip.ip, fingerprint, encode_control_message(reply))]
+            return [Outgoing(sender, fingerprint, encode_control_message(reply))]
         unpack = control.unpack_endpoint
         reply = QueryReply(
             msg.request_id,
@@ -307,18 +309,18 @@ class LighthouseCore:
             self.relays,
             min(s.answer_ttl, max(0, int(owner.expires - now))),
         )
-        out = [Outgoing(cert.ip.ip, fingerprint, encode_control_message(reply))]
+        out = [Outgoing(sender, fingerprint, encode_control_message(reply))]
         if record is not None and owner is not record:
             # Tell the owner to punch back at the querier now, while the querier punches at it.
-            notify = PunchNotify(cert.ip.ip, tuple(unpack(e) for e in record.endpoints))
+            notify = PunchNotify(sender, tuple(unpack(e) for e in record.endpoints))
             out.append(Outgoing(IPv4Address(owner.ip), owner.fingerprint, encode_control_message(notify)))
             self.counters["punch.sent"] += 1
         return out
 
     def _on_service_publish(
-        self, msg: ServicePublish, cert, fingerprint, record, observed, observed_packed, now
+        self, msg: ServicePublish, cert, sender, fingerprint, record, observed, observed_packed, now
     ):
-        sender_ip = int(cert.ip.ip)
+        sender_ip = int(sender)
         if record is None:
             return self._refuse(sender_ip, fingerprint, 0, "not-registered")
         for svc in msg.services:
@@ -333,7 +335,7 @@ class LighthouseCore:
         return []
 
     def _on_catalogue_query(
-        self, msg: CatalogueQuery, cert, fingerprint, record, observed, observed_packed, now
+        self, msg: CatalogueQuery, cert, sender, fingerprint, record, observed, observed_packed, now
     ):
         hosts = self._service_hosts
         nodes = self._nodes
@@ -355,10 +357,12 @@ class LighthouseCore:
                 i, skip = i + 1, 0
         next_cursor = CatalogueCursor(IPv4Address(hosts[i]), skip) if i < len(hosts) else None
         reply = CatalogueReply(msg.request_id, tuple(entries), next_cursor)
-        return [Outgoing(cert.ip.ip, fingerprint, encode_control_message(reply))]
+        return [Outgoing(sender, fingerprint, encode_control_message(reply))]
 
-    def _on_relay_request(self, msg: RelayRequest, cert, fingerprint, record, observed, observed_packed, now):
-        sender_ip = int(cert.ip.ip)
+    def _on_relay_request(
+        self, msg: RelayRequest, cert, sender, fingerprint, record, observed, observed_packed, now
+    ):
+        sender_ip = int(sender)
         if record is None:
             return self._refuse(sender_ip, fingerprint, msg.request_id, "not-registered")
         if not self.relays:
@@ -372,12 +376,10 @@ class LighthouseCore:
         to_asker = RelayOffer(
             msg.request_id, msg.peer_ip, session_id, 0, mint_relay_token(secret, session_id, 0), self.relays
         )
-        to_peer = RelayOffer(
-            0, cert.ip.ip, session_id, 1, mint_relay_token(secret, session_id, 1), self.relays
-        )
+        to_peer = RelayOffer(0, sender, session_id, 1, mint_relay_token(secret, session_id, 1), self.relays)
         self.counters["relay.granted"] += 1
         return [
-            Outgoing(cert.ip.ip, fingerprint, encode_control_message(to_asker)),
+            Outgoing(sender, fingerprint, encode_control_message(to_asker)),
             Outgoing(msg.peer_ip, peer.fingerprint, encode_control_message(to_peer)),
         ]
 

@@ -249,12 +249,26 @@ def pack_endpoint(endpoint: Endpoint) -> bytes:
     host, port = endpoint
     if type(port) is not int or not 0 < port < 65536:
         raise ValueError(f"bad port {port!r}")
-    return ipaddress.ip_address(host).packed + port.to_bytes(2, "big")
+    return _pack_host(host) + port.to_bytes(2, "big")
+
+
+def _pack_host(host: str) -> bytes:
+    # Fast path for canonical dotted-quad text (what unpack_endpoint and asyncio produce): a
+    # lighthouse packs several endpoints per query and ipaddress' parser costs ~8 us each.
+    parts = host.split(".")
+    if len(parts) == 4:
+        try:
+            octets = bytes(map(int, parts))  # ValueError beyond 0..255 or for non-numbers
+        except ValueError:
+            octets = b""
+        if octets and f"{octets[0]}.{octets[1]}.{octets[2]}.{octets[3]}" == host:
+            return octets  # exactly canonical: no signs, spaces, underscores or leading zeros
+    return ipaddress.ip_address(host).packed
 
 
 def unpack_endpoint(data: bytes) -> Endpoint:
     if len(data) == 6:
-        host = str(IPv4Address(data[:4]))
+        host = f"{data[0]}.{data[1]}.{data[2]}.{data[3]}"  # == str(IPv4Address(data[:4])), faster
     elif len(data) == 18:
         host = str(ipaddress.IPv6Address(data[:16]))
     else:

@@ -1,0 +1,1 @@
+"""bench/lighthouse: the lighthouse core under simulated nodes (``python -m bench.lighthouse``)."""
