@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from ipaddress import IPv4Address, IPv4Network
 
 import msgpack
@@ -187,3 +188,29 @@ def test_structured_garbage_raises_only_control_message_error(kind, fields):
         parse_control_message(data)
     except ControlMessageError as exc:
         assert exc.reason in control.REASONS
+
+
+def _reference_pack(host: str) -> bytes | None:
+    try:
+        return ipaddress.ip_address(host).packed
+    except ValueError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.lists(st.text("0123456789+-_ x", max_size=4), min_size=4, max_size=4).map(".".join),
+        st.text(max_size=20),
+    )
+)
+def test_endpoint_packing_agrees_with_ipaddress(host):
+    expected = _reference_pack(host)
+    try:
+        packed = control.pack_endpoint((host, 4242))
+    except ValueError:
+        assert expected is None
+    else:
+        assert packed == expected + b"\x10\x92"
+        assert control.unpack_endpoint(packed) == (str(ipaddress.ip_address(host)), 4242)
