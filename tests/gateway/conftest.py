@@ -161,7 +161,11 @@ def site(netns_factory, gateway_dir):
                                "--name", name, "--base-path", base], stdout=subprocess.DEVNULL, stderr=None))
     config = gateway_config(tmp_path)
     gateway = GatewayProcess(config, wrap=win.command)
-    errlog = open(tmp_path / "nginx.stderr", "wb")
+    with open(tmp_path / "nginx.stderr", "wb") as errlog:
+        yield from _run_site(lan, win, wsl, apps, config, gateway, errlog, tmp_path)
+
+
+def _run_site(lan, win, wsl, apps, config, gateway, errlog, tmp_path):
     try:
         gateway.start(stderr=errlog)
         for address in (APP_A, APP_B, APP_BASED):
@@ -170,7 +174,6 @@ def site(netns_factory, gateway_dir):
         yield Site(lan, win, wsl, gateway, config, token, tmp_path)
     finally:
         gateway.stop()
-        errlog.close()
         for app in apps:
             app.terminate()
         for app in apps:

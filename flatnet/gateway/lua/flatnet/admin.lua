@@ -87,7 +87,7 @@ local function put(name)
     if not doc then
         return fail(400, err)
     end
-    if type(doc) == "table" and doc.name == nil then
+    if type(doc) == "table" and not state.is_array(doc) and doc.name == nil then
         doc.name = name
     end
     local route, problem = state.check_route(doc)
