@@ -33,6 +33,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         "Flatnet's if it works, else the stand-in",
     )
     up.add_argument("--browser", action="store_true", help="also load the app in headless Chromium from the LAN host")
+    up.add_argument(
+        "--no-containers",
+        dest="containers",
+        action="store_false",
+        help="no flatnet-node, CNI plugin or Podman: only the Python demo app (quicker)",
+    )
     status = add("status", "namespaces, processes, routes, and whether the app answers from the LAN", _status)
     status.add_argument("--browser", action="store_true", help="also load the app in headless Chromium")
     add("down", "remove every namespace, link, rule and process of the lab (also after a crash)", _down)
@@ -48,7 +54,7 @@ def _lab(args: argparse.Namespace):
 
 
 def _up(args: argparse.Namespace) -> int:
-    return _lab(args).up(gateway_mode=args.gateway, browser=args.browser)
+    return _lab(args).up(gateway_mode=args.gateway, browser=args.browser, containers=args.containers)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from flatnet.errors import UserError
 from flatnet.lab import gateway as lab_gateway
-from flatnet.lab import network, probe
+from flatnet.lab import network, probe, wsl
 from flatnet.lab.demo_app import PAGE_MARKER
 from flatnet.lab.state import (
     LabState,
@@ -35,12 +35,22 @@ from flatnet.lab.state import (
     process_start_ticks,
     spawn,
     terminate,
+    with_descendants,
 )
-from flatnet.lab.topology import DEMO_ONLY_SERVICES, OFFICE, Service, Topology, namespace_name
+from flatnet.lab.topology import (
+    CONTAINER_SERVICES,
+    DEMO_ONLY_SERVICES,
+    OFFICE,
+    Service,
+    Topology,
+    namespace_name,
+)
 from flatnet.netns import NETNS_DIR, Namespace, list_namespaces
 
 DEFAULT_PREFIX = "fnlab"
 APP_START_TIMEOUT = 10.0
+NODE_START_TIMEOUT = 20.0
+ROUTE_WAIT_TIMEOUT = 15.0  # a node pushes its containers' routes once the gateway answers
 GATEWAY_START_TIMEOUT = 20.0
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -71,13 +81,13 @@ class Lab:
 
     # ---- up -------------------------------------------------------------------------------------
 
-    def up(self, gateway_mode: str = "auto", browser: bool = False) -> int:
+    def up(self, gateway_mode: str = "auto", browser: bool = False, containers: bool = True) -> int:
         if self.state.load() is not None or self.namespaces_present():
             self.out(f"A lab with prefix {self.prefix!r} exists already: removing it first.")
             self.down(quiet=True)
         manifest = self.state.create()
         try:
-            return self._up(manifest, gateway_mode, browser)
+            return self._up(manifest, gateway_mode, browser, containers)
         except BaseException:
             self.out("lab up failed: removing what it made (logs kept in the message below).")
             logs = self._log_tails(manifest)
@@ -86,7 +96,7 @@ class Lab:
                 self.out(logs)
             raise
 
-    def _up(self, manifest: Manifest, gateway_mode: str, browser: bool) -> int:
+    def _up(self, manifest: Manifest, gateway_mode: str, browser: bool, containers: bool) -> int:
         topo = self.topology
 
         def record_namespace(name: str) -> None:
@@ -100,17 +110,28 @@ class Lab:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
 
-        services = self._choose_services(manifest)
+        services = self._choose_services(manifest, containers)
+        if manifest.facts.get("stack"):
+            self._start_nodes(manifest, token_file)
         published: list[tuple[Service, str]] = []
         for service in services:
-            published.append((service, self._start_service(manifest, service)))
-        manifest.facts["services"] = [
-            {"name": s.name, "host": s.host, "kind": s.kind, "backend": b} for s, b in published
-        ]
-        self.state.save(manifest)
+            try:
+                backend = self._start_service(manifest, service)
+            except UserError as exc:
+                stand_in = self._demo_stand_in(service)
+                if service.kind != "podman-httpd" or stand_in is None:
+                    raise
+                manifest.notes.append(f"container {service.name} on {service.host}: failed ({exc}); the demo app stands in")
+                service, backend = stand_in, self._start_service(manifest, stand_in)
+            published.append((service, backend))
+            manifest.facts["services"] = [
+                {"name": s.name, "host": s.host, "kind": s.kind, "backend": b, "pushed_by": self._pusher_of(s)}
+                for s, b in published
+            ]
+            self.state.save(manifest)
 
         self._start_gateway(manifest, gateway_mode, published, token_file)
-        check = self.check(manifest)
+        check = self.check(manifest, wait=ROUTE_WAIT_TIMEOUT)
         manifest.facts["check"] = check
         self.state.save(manifest)
         if browser:
@@ -120,30 +141,127 @@ class Lab:
             raise UserError(f"the lab is up but {check['url']} does not answer as it should: {check['detail']}")
         return 0
 
-    def _choose_services(self, manifest: Manifest) -> list[Service]:
+    def _choose_services(self, manifest: Manifest, containers: bool) -> list[Service]:
+        missing = wsl.stack_missing() if containers else "--no-containers"
+        if missing is None:
+            manifest.facts["stack"] = True
+            return list(CONTAINER_SERVICES)
         manifest.notes.append(
-            "Podman containers: not started; the lab runs the Python demo app in their place "
-            "(the CNI plugin / flatnet-node are not wired into the lab yet)"
+            f"Podman containers on --network flatnet: not started ({missing}); the Python demo app stands in"
         )
-        manifest.notes.append("flatnet-node: not started (not wired into the lab yet); routes are pushed by hand")
+        manifest.notes.append("flatnet-node: not started; the lab pushes routes itself")
         return list(DEMO_ONLY_SERVICES)
 
+    def _pusher_of(self, service: Service) -> str:
+        """Who tells the gateway about *service*: the host's flatnet-node (containers) or the lab."""
+        return "node" if service.kind == "podman-httpd" else "lab"
+
+    def _demo_stand_in(self, service: Service) -> Service | None:
+        local = next((a for a in self.topology.local_addresses if a.host == service.host), None)
+        if local is None:
+            return None
+        return Service(service.name, service.host, "demo-app", local.addr.split("/")[0], 8080)
+
+    def _start_nodes(self, manifest: Manifest, token_file: Path) -> None:
+        """flatnet-node and the CNI plugin on every WSL2 host (before any container starts).
+
+        With ``flatnet cert`` available the lab issues a CA and host certificates and the nodes also
+        run the tunnel to each other; a node that cannot start so is restarted without the tunnel,
+        and ``up`` says why.
+        """
+        pki: Path | None = None
+        reason = wsl.pki_missing()
+        if reason is None:
+            try:
+                pki = wsl.issue_certificates(self.state.dir, self.topology)
+            except UserError as exc:
+                reason = str(exc)
+        if reason:
+            manifest.notes.append(f"tunnel between WSL2 hosts: off ({reason})")
+        for host in self.topology.wsl_hosts:
+            stack = wsl.WslStack(self.state.dir, self.topology, host)
+            manifest.facts.setdefault("podman", {})[host] = str(stack.podman_base)
+            stack.write_node_config(token_file, pki)
+            record = self._spawn(manifest, f"node:{host}", host, stack.node_argv())
+            problem = self._wait_for_node(record, stack)
+            if problem and pki is not None:
+                manifest.notes.append(f"tunnel on {host}: off (flatnet-node with certificates failed: {problem})")
+                self._stop_processes(manifest, record.name)
+                stack.control_socket.unlink(missing_ok=True)
+                stack.write_node_config(token_file, None)
+                record = self._spawn(manifest, f"node:{host}", host, stack.node_argv())
+                problem = self._wait_for_node(record, stack)
+            if problem:
+                raise UserError(f"flatnet-node on {host}: {problem}")
+            if pki is not None and not any(n.startswith(f"tunnel on {host}") for n in manifest.notes):
+                manifest.facts.setdefault("tunnel", []).append(host)
+            result = subprocess.run(stack.install_argv(), capture_output=True, text=True, timeout=60)
+            if result.returncode != 0:
+                raise UserError(f"flatnet cni install for {host} failed: {result.stderr.strip()[-500:]}")
+        self.state.save(manifest)
+
+    def _wait_for_node(self, record: ProcessRecord, stack: wsl.WslStack) -> str | None:
+        """None once the node logs that it is ready, else what went wrong."""
+        deadline = time.monotonic() + NODE_START_TIMEOUT
+        log = Path(record.log)
+        while True:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if " ready on " in text and stack.control_socket.exists():
+                return None
+            if not record.alive():
+                lines = text.strip().splitlines()
+                return f"exited: {lines[-1] if lines else 'no output'}"
+            if time.monotonic() > deadline:
+                return f"not ready after {NODE_START_TIMEOUT:.0f} s"
+            time.sleep(0.05)
+
     def _start_service(self, manifest: Manifest, service: Service) -> str:
-        """Start *service*; returns its backend ``ip:port`` once it answers."""
-        if service.kind != "demo-app":
-            raise UserError(f"service kind {service.kind} is not supported by this lab")
+        """Start *service*; returns its backend ``ip:port`` once it answers from the Windows host."""
+        if service.kind == "podman-httpd":
+            return self._start_container(manifest, service)
         argv = [
             sys.executable, "-m", "flatnet.lab.demo_app",
             "--listen", service.address, "--port", str(service.port), "--name", service.name,
         ]  # fmt: skip
         self._spawn(manifest, f"app:{service.name}", service.host, argv)
+        return self._wait_for_backend(service, service.address, "/health")
+
+    def _start_container(self, manifest: Manifest, service: Service) -> str:
+        from flatnet.podman import PodmanError
+
+        stack = wsl.WslStack(self.state.dir, self.topology, service.host)
+        podman = stack.podman()
+        ns = self.ns(service.host)
+        try:
+            image = podman.ensure_image()
+            podman.podman(
+                ["run", "-d", "--network", "flatnet", "--name", service.name,
+                 "--label", f"flatnet.port={service.port}", image,
+                 "httpd", "-f", "-p", str(service.port), "-h", "/www"],
+                netns=ns,
+            )  # fmt: skip
+            inspect = podman.podman(
+                ["inspect", service.name, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"],
+                netns=ns,
+            )
+        except PodmanError as exc:
+            raise UserError(str(exc)) from None
+        address = inspect.stdout.split()[0] if inspect.stdout.split() else ""
+        if not address:
+            raise UserError(f"container {service.name} got no address on network flatnet")
+        manifest.containers.append({"name": service.name, "host": service.host, "address": address})
+        self.state.save(manifest)
+        return self._wait_for_backend(service, address, "/")
+
+    def _wait_for_backend(self, service: Service, address: str, path: str) -> str:
+        """Wait until *service* answers at *address* from the Windows host, i.e. routed like the gateway's traffic."""
         deadline = time.monotonic() + APP_START_TIMEOUT
         while True:
-            answer = probe.try_http_get(self.ns(service.host), service.address, service.port, "/health", 1.0)
+            answer = probe.try_http_get(self.ns(self.topology.gateway_host), address, service.port, path, 1.0)
             if not isinstance(answer, str) and answer.status == 200:
-                return f"{service.address}:{service.port}"
+                return f"{address}:{service.port}"
             if time.monotonic() > deadline:
-                raise UserError(f"app {service.name} on {service.host} did not answer: {answer}")
+                raise UserError(f"{service.name} on {service.host} does not answer at {address}:{service.port}: {answer}")
             time.sleep(0.1)
 
     def _spawn(self, manifest: Manifest, name: str, host: str, argv: list[str]) -> ProcessRecord:
@@ -192,11 +310,15 @@ class Lab:
         manifest.facts["gateway"] = {"mode": "flatnet", "admin_urls": launch.admin_urls, "domain": launch.domain}
         self.state.save(manifest)
         self._wait_for_gateway(manifest)
+        # Containers' routes come from their host's flatnet-node; the lab pushes the rest (demo apps)
+        # with `flatnet gateway sync` from the WSL2 host running them, over the WSL-facing admin
+        # address: what a person there does in Phase 1.
+        by_hand = [(s, b) for s, b in published if self._pusher_of(s) == "lab"]
+        if not by_hand:
+            return
         route_file = self.state.dir / "routes.toml"
-        lab_gateway.write_route_file(route_file, published)
-        # Push from the WSL2 host that runs the first service, over the WSL-facing admin address:
-        # the way a person (Phase 1) or flatnet-node (Phase 2) there does it.
-        pusher = published[0][0].host if published else topo.gateway_host
+        lab_gateway.write_route_file(route_file, by_hand)
+        pusher = by_hand[0][0].host
         admin_url = launch.admin_urls.get(pusher, launch.admin_urls[topo.gateway_host])
         argv = lab_gateway.sync_argv(route_file, admin_url, token_file)
         deadline = time.monotonic() + GATEWAY_START_TIMEOUT
@@ -238,13 +360,31 @@ class Lab:
         path = f"/{services[0]['name']}/"
         return path, f"http://{self.topology.gateway_lan_address}{path}"
 
-    def check(self, manifest: Manifest) -> dict:
-        """GET the first service through the gateway from the LAN host: does the app's page come back?"""
-        path, url = self.first_url(manifest)
+    def check(self, manifest: Manifest, wait: float = 0.0) -> dict:
+        """GET every service through the gateway from the LAN host: does each app's page come back?
+
+        With *wait*, keep trying that long (routes pushed by a node arrive a moment later).
+        """
+        services = manifest.facts.get("services") or []
+        deadline = time.monotonic() + wait
+        while True:
+            results = [self._check_one(s["name"]) for s in services]
+            ok = bool(results) and all(r["ok"] for r in results)
+            if ok or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        _, url = self.first_url(manifest)
+        failed = [r for r in results if not r["ok"]]
+        detail = "; ".join(f"{r['url']}: {r['detail']}" for r in (failed or results)) or "no services"
+        return {"ok": ok, "url": url, "detail": detail, "services": results}
+
+    def _check_one(self, name: str) -> dict:
+        path = f"/{name}/"
+        url = f"http://{self.topology.gateway_lan_address}{path}"
         answer = probe.try_http_get(self.ns(self.topology.client), self.topology.gateway_lan_address, 80, path, 5.0)
         if isinstance(answer, str):
             return {"ok": False, "url": url, "detail": answer}
-        ok = answer.status == 200 and (PAGE_MARKER in answer.body or "flatnet container" in answer.body)
+        ok = answer.status == 200 and _is_app_page(answer.body)
         return {"ok": ok, "url": url, "detail": f"HTTP {answer.status}, {len(answer.body)} bytes: {_headline(answer.body)!r}"}
 
     def browser_check(self, manifest: Manifest) -> dict:
@@ -258,7 +398,7 @@ class Lab:
                 result = Namespace(self.ns(self.topology.client)).run(argv, check=False, timeout=60)
             except subprocess.TimeoutExpired:
                 return {"ok": False, "url": url, "detail": "chromium timed out"}
-        ok = result.returncode == 0 and (PAGE_MARKER in result.stdout or "flatnet container" in result.stdout)
+        ok = result.returncode == 0 and _is_app_page(result.stdout)
         return {"ok": ok, "url": url, "detail": f"chromium exit {result.returncode}, DOM {len(result.stdout)} bytes"}
 
     # ---- status -----------------------------------------------------------------------------------
@@ -290,7 +430,9 @@ class Lab:
         self.out("  " + "\n  ".join(self.route_lines(manifest)))
         check = self.check(manifest)
         healthy &= check["ok"]
-        self.out(f"From {self.topology.client}: GET {check['url']} -> {'ok' if check['ok'] else 'FAIL'} ({check['detail']})")
+        self.out(f"From {self.topology.client} through the gateway:")
+        for r in check["services"]:
+            self.out(f"  GET {r['url']} -> {'ok' if r['ok'] else 'FAIL'} ({r['detail']})")
         if browser:
             b = self.browser_check(manifest)
             healthy &= b["ok"]
@@ -321,6 +463,7 @@ class Lab:
     def down(self, quiet: bool = False) -> int:
         manifest = self.state.load()
         said = self.out if not quiet else (lambda _s: None)
+        self._remove_containers(manifest, said)
         if manifest is not None:
             recorded = [p for p in manifest.processes if p.alive()]
             if recorded:
@@ -330,7 +473,8 @@ class Lab:
             n for n in (manifest.namespaces if manifest else []) if os.path.exists(os.path.join(NETNS_DIR, n))
         }
         for name in sorted(names):
-            stragglers = pids_in_namespace(os.path.join(NETNS_DIR, name))
+            # Children too: a container's processes live in a netns of their own under conmon.
+            stragglers = with_descendants(pids_in_namespace(os.path.join(NETNS_DIR, name)))
             if stragglers:
                 said(f"Killing {len(stragglers)} process(es) left in {name}")
                 terminate(stragglers, grace=1.0)
@@ -343,6 +487,28 @@ class Lab:
             said(f"No lab with prefix {self.prefix!r}: nothing to remove.")
         return 0
 
+    def _remove_containers(self, manifest: Manifest | None, said: Out) -> None:
+        """``podman rm`` in each WSL2 host (the plugin's DEL frees the address, the node drops the route).
+
+        Without a manifest (torn by a crash) the Podman environments are found in the state dir.
+        """
+        envs = dict(manifest.facts.get("podman", {})) if manifest else {}
+        for conf in self.state.dir.glob("*/podman/containers.conf"):
+            envs.setdefault(conf.parent.parent.name, str(conf.parent))
+        for host, base in sorted(envs.items()):
+            ns = self.ns(host)
+            if not os.path.exists(os.path.join(NETNS_DIR, ns)) or not Path(base).exists():
+                continue
+            podman = wsl.WslStack(self.state.dir, self.topology, host).podman()
+            try:
+                result = podman.podman(["rm", "--all", "--force", "--time", "0"], netns=ns, check=False, timeout=60)
+            except subprocess.TimeoutExpired:
+                said(f"podman rm in {host} timed out; its processes are killed below")
+                continue
+            removed = result.stdout.split()
+            if removed:
+                said(f"Removed {len(removed)} container(s) in {host}")
+
     # ---- describing -------------------------------------------------------------------------------
 
     def describe(self, manifest: Manifest) -> str:
@@ -354,8 +520,16 @@ class Lab:
                 runs[p.host].append(f"gateway ({gateway.get('mode')}) pid {p.pid}, http://{topo.gateway_lan_address}/")
                 for host, url in gateway.get("admin_urls", {}).items():
                     runs[topo.gateway_host].append(f"admin API {url} (for {host})")
+        for p in manifest.processes:
+            if p.name.startswith("node:"):
+                tunnel = ", tunnel" if p.host in manifest.facts.get("tunnel", []) else ""
+                runs[p.host].append(f"flatnet-node pid {p.pid} (control socket, CNI service, gateway pusher{tunnel})")
+        kinds = {"demo-app": "Python demo app", "podman-httpd": "Podman container (busybox httpd) on --network flatnet"}
         for s in manifest.facts.get("services", []):
-            runs[s["host"]].append(f"{s['name']}: {s['kind']} on {s['backend']}")
+            route = "route pushed by flatnet-node" if s.get("pushed_by") == "node" else "route pushed by the lab"
+            if gateway.get("mode") == "static":
+                route = "route in the static nginx config"
+            runs[s["host"]].append(f"{s['name']}: {kinds.get(s['kind'], s['kind'])} at {s['backend']} ({route})")
         lines = [f"Flatnet lab {self.prefix!r} is up (state, logs and configs in {self.state.dir}).", ""]
         for host in topo.hosts:
             addrs = ", ".join(topo.addresses_of(host.name))
@@ -375,13 +549,23 @@ class Lab:
             lines.append(f"Checked with headless Chromium in {topo.client}: {'ok' if b['ok'] else 'FAIL'} ({b['detail']})")
         lan = f"nsenter --net={NETNS_DIR}/{self.ns(topo.client)}"
         path, url = self.first_url(manifest)
-        lines += [
-            "",
-            f"Try it as the colleague on the LAN ({topo.client}):",
-            f"  {lan} curl {url}",
-            f"  {lan} curl -L -c /tmp/lab-cookies -b /tmp/lab-cookies {url}login     # redirect + cookie",
-            f"  {lan} curl http://{topo.gateway_lan_address}/                           # the service index",
-        ]
+        lines += ["", f"Try it as the colleague on the LAN ({topo.client}):"]
+        for s in manifest.facts.get("services", []):
+            lines.append(f"  {lan} curl http://{topo.gateway_lan_address}/{s['name']}/")
+        demo = next((s for s in manifest.facts.get("services", []) if s["kind"] == "demo-app"), None)
+        if demo:
+            lines.append(
+                f"  {lan} curl -L -c /tmp/lab-cookies -b /tmp/lab-cookies "
+                f"http://{topo.gateway_lan_address}/{demo['name']}/login     # redirect + cookie"
+            )
+        lines.append(f"  {lan} curl http://{topo.gateway_lan_address}/     # the service index")
+        tunnel_hosts = manifest.facts.get("tunnel", [])
+        if len(tunnel_hosts) >= 2:
+            a, b = tunnel_hosts[0], tunnel_hosts[1]
+            lines.append(
+                f"  nsenter --net={NETNS_DIR}/{self.ns(a)} ping -c 3 {wsl.flatnet_ip(topo, b)}"
+                f"     # {a} -> {b} through the Flatnet tunnel"
+            )
         if gateway.get("domain"):
             host = f"{path.strip('/')}.{gateway['domain']}"
             lines.append(f"  {lan} curl -H 'Host: {host}' http://{topo.gateway_lan_address}/       # by name")
@@ -409,6 +593,11 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _is_app_page(page: str) -> bool:
+    """The demo app's page or the busybox container's index (flatnet.podman.INDEX_HTML)?"""
+    return PAGE_MARKER in page or "hello from a flatnet container" in page
 
 
 def _headline(page: str) -> str:

@@ -8,6 +8,7 @@ admin token and ``logs/``. A process is recorded with its start time (``/proc/<p
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STATE_ROOT = Path("/run/flatnet-lab")
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
 MANIFEST = "lab.json"
 
 # Processes this Python process started, so `lab down` in the same process reaps them (no zombies).
@@ -95,6 +98,9 @@ class LabState:
     def remove(self) -> None:
         if not self.dir.exists():
             return
+        # Podman leaves mounts (a container's /dev/shm) in its storage when it could not clean up.
+        for mount_point in mounts_under(self.dir):
+            _libc.umount2(mount_point.encode(), MNT_DETACH)
         for path in sorted(self.dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if path.is_dir() and not path.is_symlink():
                 path.rmdir()
@@ -184,3 +190,39 @@ def pids_in_namespace(ns_path: str) -> list[int]:
         if (pst.st_dev, pst.st_ino) == target and process_start_ticks(int(entry)) is not None:
             found.append(int(entry))
     return found
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    """*pids* and every living descendant of them, parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                tail = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if tail[0] not in ("Z", "X"):
+            children.setdefault(int(tail[1]), []).append(int(entry))
+    found: list[int] = []
+    frontier = list(pids)
+    while frontier:
+        pid = frontier.pop(0)
+        if pid in found:
+            continue
+        found.append(pid)
+        frontier += children.get(pid, [])
+    return found
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below *directory* in this mount namespace, deepest first."""
+    root = str(directory.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)

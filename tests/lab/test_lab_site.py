@@ -18,8 +18,9 @@ from flatnet.cli import main
 from flatnet.lab.demo_app import COOKIE_NAME, PAGE_MARKER
 from flatnet.lab.gateway import flatnet_gateway_missing
 from flatnet.lab.probe import http_get
-from flatnet.lab.state import LabState, process_start_ticks
+from flatnet.lab.state import LabState, process_start_ticks, with_descendants
 from flatnet.netns import list_namespaces
+from flatnet.podman import INDEX_HTML
 from flatnet.testing.markers import needs_root, require_tools
 
 pytestmark = [pytest.mark.slow, needs_root, require_tools("nginx", "nft", "nsenter")]
@@ -56,35 +57,53 @@ def recorded_pids(prefix: str) -> list[tuple[int, int]]:
     return [(p.pid, p.start_ticks) for p in manifest.processes]
 
 
-@pytest.mark.parametrize("gateway", ["auto", "static"])
-def test_up_serves_the_app_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys, gateway):
-    assert main(["lab", "up", "--prefix", lab, "--gateway", gateway]) == 0
+def services(prefix: str) -> dict[str, dict]:
+    manifest = LabState(prefix).load()
+    assert manifest is not None
+    return {s["name"]: s for s in manifest.facts["services"]}
+
+
+def assert_demo_app_redirect_and_cookie_work_from_the_lan(prefix: str, name: str) -> None:
+    """The app's redirect to "/welcome" comes back under the service prefix, and its cookie works."""
+    page = http_get(f"{prefix}-lan", LAN_ADDRESS, 80, f"/{name}/")
+    assert page.status == 200
+    assert f"{PAGE_MARKER}: {name}" in page.body
+    login = http_get(f"{prefix}-lan", LAN_ADDRESS, 80, f"/{name}/login")
+    assert login.status in (301, 302)
+    assert login.header("location").endswith(f"/{name}/welcome")
+    cookie = login.header("set-cookie").split(";")[0]
+    assert cookie.startswith(f"{COOKIE_NAME}=")
+    welcome = http_get(f"{prefix}-lan", LAN_ADDRESS, 80, f"/{name}/welcome", headers={"Cookie": cookie})
+    assert "arrived" in welcome.body and f"hello-from-{name}" in welcome.body
+
+
+def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys):
+    """The README's main command: whatever of Flatnet is available, /web/ answers on the LAN."""
+    assert main(["lab", "up", "--prefix", lab]) == 0
     printed = capsys.readouterr().out
-    if gateway == "static":
-        assert "plain nginx with static routes stands in" in printed
     assert f"nsenter --net=/run/netns/{lab}-lan curl http://{LAN_ADDRESS}/web/" in printed
     assert sorted(lab_namespaces(lab)) == sorted(f"{lab}-{h}" for h in ("lan", "win", "wsl1", "wsl2"))
 
-    page = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/")
-    assert page.status == 200
-    assert f"{PAGE_MARKER}: web" in page.body
+    found = services(lab)
+    web = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/")
+    assert web.status == 200
+    if found["web"]["kind"] == "podman-httpd":
+        # A real container on --network flatnet in wsl1, its route pushed by wsl1's flatnet-node.
+        assert INDEX_HTML.strip() in web.body
+        assert found["web"]["backend"].startswith("10.87.1.")
+        assert found["web"]["pushed_by"] == "node"
+        assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "demo")
+    else:
+        assert "Podman containers on --network flatnet: not started" in printed
+        assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "web")
 
-    # The app's redirect to "/welcome" comes back under the service prefix, with its cookie.
-    login = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/login")
-    assert login.status in (301, 302)
-    assert login.header("location").endswith("/web/welcome")
-    cookie = login.header("set-cookie").split(";")[0]
-    assert cookie.startswith(f"{COOKIE_NAME}=")
-    welcome = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/welcome", headers={"Cookie": cookie})
-    assert "arrived" in welcome.body and "hello-from-web" in welcome.body
-
-    # The LAN PC has no route into the Windows host's WSL side, and the app is not on the LAN.
+    # The LAN PC has no route into the Windows host's WSL side, and the apps are not on the LAN.
     with pytest.raises(OSError):
-        http_get(f"{lab}-lan", "10.87.1.200", 8080, "/", timeout=1)
+        http_get(f"{lab}-lan", found["web"]["backend"].split(":")[0], 80, "/", timeout=1)
 
     assert main(["lab", "status", "--prefix", lab]) == 0
     status = capsys.readouterr().out
-    assert "alive" in status and "DEAD" not in status and "-> ok" in status
+    assert "alive" in status and "DEAD" not in status and "FAIL" not in status
 
     pids = recorded_pids(lab)
     assert main(["lab", "down", "--prefix", lab]) == 0
@@ -93,9 +112,18 @@ def test_up_serves_the_app_to_the_lan_through_the_gateway_and_down_leaves_nothin
     assert main(["lab", "status", "--prefix", lab]) == 3
 
 
+def test_static_stand_in_gateway_serves_the_demo_app(lab, capsys):
+    assert main(["lab", "up", "--prefix", lab, "--gateway", "static", "--no-containers"]) == 0
+    assert "plain nginx with static routes stands in" in capsys.readouterr().out
+    assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "web")
+    pids = recorded_pids(lab)
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids)
+
+
 def test_wsl_traffic_to_the_lan_is_masqueraded_by_the_windows_host(lab, capsys):
     """Windows' NAT: a WSL2 VM reaching the LAN shows up with the Windows host's LAN address."""
-    assert main(["lab", "up", "--prefix", lab]) == 0
+    assert main(["lab", "up", "--prefix", lab, "--no-containers"]) == 0
     capsys.readouterr()
     server = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{lab}-lan", sys.executable, "-m", "flatnet.lab.demo_app",
@@ -141,25 +169,38 @@ def test_down_cleans_up_after_lab_up_was_killed_half_way(lab):
     assert_gone(lab, pids)
 
 
-def test_down_without_manifest_kills_what_runs_in_the_namespaces(lab, capsys):
-    """A crash that lost the state dir and left orphans (the gateway's supervising process killed,
-    its nginx master and workers left running): found by scanning each namespace's processes."""
+def test_down_with_a_torn_manifest_removes_containers_and_orphans(lab, capsys):
+    """A crash that tore the manifest and orphaned nginx (the gateway's supervising process killed,
+    master and workers left running): containers are found through the Podman environments in the
+    state dir, the orphans by scanning each namespace's processes."""
     assert main(["lab", "up", "--prefix", lab]) == 0
     capsys.readouterr()
     pids = recorded_pids(lab)
     gateway = next(p for p in LabState(lab).load().processes if p.name == "gateway")
     in_ns = _pids_in(f"{lab}-win")
-    assert gateway.pid in in_ns and len(in_ns) >= 2  # nginx master and worker(s)
+    assert gateway.pid in in_ns and len(in_ns) >= 2  # the gateway, nginx master and worker(s)
+    container_pids = [pid for host in ("wsl1", "wsl2") for pid in with_descendants(_pids_in(f"{lab}-{host}"))]
     os.kill(gateway.pid, signal.SIGKILL)
-    LabState(lab).remove()
-    workers = [(pid, process_start_ticks(pid)) for pid in in_ns if pid != gateway.pid]
+    LabState(lab).manifest_path.write_text("{ torn")
+    orphans = [(pid, process_start_ticks(pid)) for pid in in_ns + container_pids if pid != gateway.pid]
     assert main(["lab", "down", "--prefix", lab]) == 0
-    assert_gone(lab, pids + [w for w in workers if w[1] is not None])
+    assert_gone(lab, pids + [o for o in orphans if o[1] is not None])
+
+
+def test_down_after_the_state_dir_is_lost_kills_what_runs_in_the_namespaces(lab, capsys):
+    assert main(["lab", "up", "--prefix", lab, "--no-containers"]) == 0
+    capsys.readouterr()
+    pids = recorded_pids(lab)
+    inside = [(pid, process_start_ticks(pid)) for host in ("win", "wsl1") for pid in _pids_in(f"{lab}-{host}")]
+    assert len(inside) >= 3  # the gateway (and its nginx) and the demo app
+    LabState(lab).remove()
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids + [i for i in inside if i[1] is not None])
 
 
 @pytest.mark.skipif(flatnet_gateway_missing() is not None, reason=f"{flatnet_gateway_missing()}")
 def test_flatnet_gateway_with_routes_pushed_from_a_wsl_host(lab, capsys):
-    assert main(["lab", "up", "--prefix", lab, "--gateway", "flatnet"]) == 0
+    assert main(["lab", "up", "--prefix", lab, "--gateway", "flatnet", "--no-containers"]) == 0
     printed = capsys.readouterr().out
     assert "gateway (flatnet)" in printed
     page = http_get(f"{lab}-lan", LAN_ADDRESS, 80, "/web/")
@@ -175,7 +216,7 @@ def test_flatnet_gateway_with_routes_pushed_from_a_wsl_host(lab, capsys):
 
 @require_tools("chromium")
 def test_up_with_browser_loads_the_app_in_headless_chromium(lab, capsys):
-    assert main(["lab", "up", "--prefix", lab, "--browser"]) == 0
+    assert main(["lab", "up", "--prefix", lab, "--browser", "--no-containers"]) == 0
     assert "Checked with headless Chromium in lan: ok" in capsys.readouterr().out
 
 
