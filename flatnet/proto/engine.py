@@ -143,6 +143,9 @@ class Peer:
         self.last_initiation_timestamp = -1  # theirs: replayed initiations are refused
         self.last_sent_at: float | None = None
         self.last_received_at: float | None = None
+        # WireGuard's passive keepalive timer: set by the first data received since we last sent
+        # anything, cleared by any send; at +KEEPALIVE_TIMEOUT we send an empty DATA.
+        self.keepalive_from: float | None = None
         self.awaiting_reply_since: float | None = None
         self.last_handshake_at: float | None = None
         self.rx_bytes = 0
@@ -194,6 +197,7 @@ class TunnelEngine:
         self._limiter = rate_limiter or HandshakeRateLimiter()
         self._strict = strict
         self._peers: dict[IPv4Address, Peer] = {}
+        self._peer_by_int: dict[int, Peer] = {}  # the same peers by int(ip): the per-packet lookup
         self._routes: list[tuple[int, int, Peer]] = []  # (network, mask, peer), longest prefix first
         self._sessions: dict[int, TransportSession] = {}
         self._pending: dict[int, Peer] = {}
@@ -271,7 +275,7 @@ class TunnelEngine:
         value = _ip_int(dst)
         if value is None:
             return None
-        peer = self._peers.get(IPv4Address(value))
+        peer = self._peer_by_int.get(value)
         if peer is not None:
             return peer
         for network, mask, candidate in self._routes:
@@ -326,6 +330,7 @@ class TunnelEngine:
     def _after_seal(self, session: TransportSession, size: int, is_data: bool, now: float) -> None:
         peer = session.peer
         peer.last_sent_at = now
+        peer.keepalive_from = None
         peer.tx_bytes += size
         if is_data and peer.awaiting_reply_since is None:
             peer.awaiting_reply_since = now
@@ -418,6 +423,8 @@ class TunnelEngine:
         if not plaintext and msg_type is _DATA:
             self.stats["keepalive-received"] += 1
             return None
+        if peer.keepalive_from is None:
+            peer.keepalive_from = now
         return session, msg_type, plaintext
 
     def _receive_other(self, data: bytes, addr: Address, now: float) -> None:
@@ -497,6 +504,7 @@ class TunnelEngine:
         if peer is None:
             peer = Peer(cert.ip.ip, [addr])
             self._peers[peer.ip] = peer
+            self._rebuild_routes()
         if peer.pending is not None:
             self.stats["simultaneous-initiation-yielded"] += 1
             self._cancel_pending(peer)
@@ -650,11 +658,9 @@ class TunnelEngine:
 
     @staticmethod
     def _keepalive_due(peer: Peer) -> float | None:
-        if peer.current is None or peer.last_received_at is None:
+        if peer.current is None or peer.keepalive_from is None:
             return None
-        if peer.last_sent_at is not None and peer.last_sent_at >= peer.last_received_at:
-            return None
-        return peer.last_received_at + KEEPALIVE_TIMEOUT
+        return peer.keepalive_from + KEEPALIVE_TIMEOUT
 
     def handle_timer(self, now: float) -> None:
         for peer in list(self._peers.values()):
@@ -669,10 +675,8 @@ class TunnelEngine:
                     self._send_initiation(peer, now)
             keepalive = self._keepalive_due(peer)
             if keepalive is not None and now >= keepalive:
-                if peer.current is not None and peer.current.can_send(now):
-                    self._send_keepalive(peer, now)
-                else:
-                    peer.last_received_at = None
+                peer.keepalive_from = None
+                self._send_keepalive(peer, now)
             if peer.awaiting_reply_since is not None and now >= peer.awaiting_reply_since + NEW_HANDSHAKE_AFTER_SILENCE:
                 peer.awaiting_reply_since = None
                 self.stats["handshake-after-silence"] += 1
@@ -685,7 +689,7 @@ class TunnelEngine:
                 self._retire(session)
                 setattr(peer, slot, None)
                 if slot == "current":
-                    peer.last_received_at = None
+                    peer.keepalive_from = None
                     if peer.up:
                         peer.up = False
                         self._events.append(PeerDown(peer.ip, "expired"))
@@ -719,6 +723,7 @@ class TunnelEngine:
         return int.from_bytes(self._random_bytes(4), "little") / 2**32
 
     def _rebuild_routes(self) -> None:
+        self._peer_by_int = {int(ip): peer for ip, peer in self._peers.items()}
         routes = []
         for peer in self._peers.values():
             nets = set(peer.route_hint)
@@ -731,6 +736,8 @@ class TunnelEngine:
 
 
 def _ip_int(ip) -> int | None:
+    if type(ip) is IPv4Address:
+        return ip._ip
     if isinstance(ip, bytes | bytearray | memoryview):
         return int.from_bytes(ip, "big") if len(ip) == 4 else None
     if isinstance(ip, int):

@@ -164,7 +164,7 @@ def snapshot(engine: TunnelEngine):
             session_state(p.current), session_state(p.previous), session_state(p.next),
             (pending.local_index, pending.retry_at, pending.state.handshake_hash) if pending else None,
             p.attempts_started_at, p.cookie, tuple(p.queue), p.last_initiation_timestamp, p.last_sent_at,
-            p.last_received_at, p.awaiting_reply_since, p.last_handshake_at, p.rx_bytes, p.tx_bytes,
+            p.last_received_at, p.keepalive_from, p.awaiting_reply_since, p.last_handshake_at, p.rx_bytes, p.tx_bytes,
         )
     return (
         peers,

@@ -249,3 +249,58 @@ def test_roaming_endpoint_follows_authenticated_source():
     a.engine.datagrams_to_send()
     b.engine.receive_datagram(datagram, ("198.51.100.7", 5000), wire.now)
     assert b.engine.peers[IPv4Address(A_IP)].endpoint == ("198.51.100.7", 5000)
+
+
+def test_rekey_after_messages_and_refusal_at_the_message_limit():
+    from flatnet.proto.constants import REJECT_AFTER_MESSAGES, REKEY_AFTER_MESSAGES
+
+    wire, a, b = pair()
+    a.engine.send_packet(packet(A_IP, B_IP, 0), wire.now)
+    wire.run()
+    session = a.engine.session_for(B_IP, wire.now)
+    session.send_counter = REKEY_AFTER_MESSAGES - 1
+    b.engine.session_for(A_IP, wire.now).replay.highest = REKEY_AFTER_MESSAGES - 2
+    a.engine.send_packet(packet(A_IP, B_IP, 1), wire.now)
+    assert a.engine.stats["initiation-sent"] == 2  # the counter reached REKEY_AFTER_MESSAGES
+    wire.run()
+    assert b.received[-1] == packet(A_IP, B_IP, 1)
+    assert a.engine.session_for(B_IP, wire.now) is not session
+    session.send_counter = REJECT_AFTER_MESSAGES
+    assert not session.can_send(wire.now)
+    with pytest.raises(SessionExpiredError):
+        session.seal(b"", MessageType.DATA, wire.now)
+
+
+def test_initiator_renews_on_receive_when_only_the_responder_talks():
+    from flatnet.proto.constants import REKEY_ON_RECEIVE_AGE
+
+    wire, a, b = pair()
+    a.engine.send_packet(packet(A_IP, B_IP, 0), wire.now)
+    wire.run()
+    start = wire.now
+    for n in range(200):
+        b.engine.send_packet(packet(B_IP, A_IP, n), wire.now)
+        wire.run()
+        wire.advance(1.0)
+    assert len(a.received) == 200
+    initiations = [t - start for t, src, _, d in wire.log if d[0] == MessageType.HANDSHAKE_INITIATION and src == a.addr]
+    # alpha only sends keepalives; the first one after 120 s renews the session (as WireGuard's
+    # keepKeyFreshSending), at the latest a received packet at REKEY_ON_RECEIVE_AGE would.
+    assert len(initiations) == 2 and REKEY_AFTER_TIME <= initiations[1] <= REKEY_ON_RECEIVE_AGE + 1
+    assert b.engine.stats["initiation-sent"] == 0 and b.engine.stats["handshake-after-silence"] == 0
+    assert not a.engine.drops and not b.engine.drops
+
+
+def test_initiator_renews_when_receiving_on_a_165s_old_session():
+    from flatnet.proto.constants import REKEY_ON_RECEIVE_AGE
+
+    wire, a, b = pair()
+    a.engine.send_packet(packet(A_IP, B_IP, 0), wire.now)
+    wire.run()
+    later = wire.now + REKEY_ON_RECEIVE_AGE
+    datagram = b.engine.session_for(A_IP, later).seal(packet(B_IP, A_IP, 1), MessageType.DATA, later)
+    assert a.engine.stats["initiation-sent"] == 1
+    a.engine.receive_datagram(datagram, b.addr, later)
+    assert a.engine.stats["initiation-sent"] == 2
+    assert b.engine.stats["initiation-sent"] == 0
+    assert not a.engine.drops and not b.engine.drops
