@@ -51,11 +51,18 @@ class WebApp:
         self.name = name
         self.base_path = base_path.rstrip("/")  # "/based": the app lives under it (gateway "pass" mode)
         self.requests = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def close_connections(self) -> None:
+        """Close open (keep-alive, websocket) connections: their handlers then end on EOF."""
+        for writer in list(self._writers):
+            writer.close()
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._connection, host, port, limit=1 << 20)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 head = await _read_head(reader)
@@ -76,6 +83,7 @@ class WebApp:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
             try:
                 await writer.wait_closed()
@@ -270,6 +278,8 @@ async def _main(host: str, port: int, name: str, base_path: str) -> None:
     print(f"webapp {name} listening on {host}:{port}", flush=True)
     await stop.wait()
     server.close()
+    app.close_connections()
+    await asyncio.sleep(0.1)  # let the handlers see EOF and finish
 
 
 def main(argv: list[str] | None = None) -> int:

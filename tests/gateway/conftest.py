@@ -153,34 +153,27 @@ def gateway_dir():
 
 @pytest.fixture
 def site(netns_factory, gateway_dir):
-    tmp_path = gateway_dir
     lan, win, wsl = build_site_namespaces(netns_factory)
     apps = []
     for name, address, base in (("app-a", APP_A, ""), ("app-b", APP_B, ""), ("app-based", APP_BASED, "/based")):
         apps.append(wsl.popen([sys.executable, "-m", "flatnet.testing.webapp", "--listen", f"{address}:{APP_PORT}",
                                "--name", name, "--base-path", base], stdout=subprocess.DEVNULL, stderr=None))
-    config = gateway_config(tmp_path)
-    gateway = GatewayProcess(config, wrap=win.command)
-    with open(tmp_path / "nginx.stderr", "wb") as errlog:
-        yield from _run_site(lan, win, wsl, apps, config, gateway, errlog, tmp_path)
-
-
-def _run_site(lan, win, wsl, apps, config, gateway, errlog, tmp_path):
+    config = gateway_config(gateway_dir)
+    site = Site(lan, win, wsl, GatewayProcess(config, wrap=win.command), config, "", gateway_dir)
     try:
-        gateway.start(stderr=errlog)
+        with open(gateway_dir / "nginx.stderr", "wb") as errlog:
+            site.gateway.start(stderr=errlog)
         for address in (APP_A, APP_B, APP_BASED):
             wait_listening(wsl.name, address, APP_PORT)
-        token = Path(config.paths().token_file).read_text().strip()
-        yield Site(lan, win, wsl, gateway, config, token, tmp_path)
+        site.token = Path(config.paths().token_file).read_text().strip()
+        yield site
     finally:
-        gateway.stop()
+        site.gateway.stop()  # the test may have replaced it (restart)
         for app in apps:
             app.terminate()
         for app in apps:
             app.wait(10)
-        log = Path(config.paths().logs_dir) / "error.log"
-        if log.exists():
-            bad = [line for line in log.read_text().splitlines() if "lua entry thread aborted" in line
-                   or "[alert]" in line or "[emerg]" in line]
-            assert not bad, "nginx logged Lua/fatal errors:\n" + "\n".join(bad[:10])
-
+    log = Path(config.paths().logs_dir) / "error.log"
+    bad = [line for line in log.read_text().splitlines()
+           if "lua entry thread aborted" in line or "[alert]" in line or "[emerg]" in line]
+    assert not bad, "nginx logged Lua/fatal errors:\n" + "\n".join(bad[:10])
