@@ -1,0 +1,180 @@
+"""The lighthouse service for real: UDP on loopback, the Noise tunnel, certificates from a CA.
+
+Two nodes (a TunnelEngine + LighthouseClient each, on their own loopback sockets) register with a
+LighthouseService, one resolves the other and the other is told to punch back; garbage from an
+unauthenticated socket and a claim outside a certificate are dropped/refused and counted. Loopback
+only; no namespaces needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flatnet.pki.cert import TrustStore, new_ca, sign_host
+from flatnet.proto.control import Register, encode_control_message
+from flatnet.proto.engine import TunnelEngine
+from flatnet.proto.events import ControlReceived, PeerUp
+from lighthouse.client import (
+    ClientSettings,
+    LighthouseClient,
+    LighthouseRefused,
+    PeerResolved,
+    PunchRequested,
+)
+from lighthouse.config import LighthouseConfig
+from lighthouse.core import LighthouseCore
+from lighthouse.main import main as lighthouse_main
+from lighthouse.service import LighthouseService
+
+pytestmark = pytest.mark.slow
+
+LH_IP = IPv4Address("10.87.255.1")
+
+
+def make_pki():
+    now = int(time.time())
+    ca, ca_key = new_ca("test-ca", not_after=now + 86400, not_before=now - 3600)
+    trust = TrustStore([ca])
+
+    def identity(name, ip, subnets):
+        key = X25519PrivateKey.generate()
+        cert = sign_host(
+            ca,
+            ca_key,
+            name,
+            ip,
+            subnets,
+            ["hosts"],
+            key.public_key().public_bytes_raw(),
+            now - 60,
+            now + 3600,
+        )
+        return cert, key
+
+    return trust, identity
+
+
+class Node:
+    """The I/O a flatnet-node will do for discovery, reduced to what the test needs."""
+
+    def __init__(self, identity, trust, lighthouse_addr):
+        self.engine = TunnelEngine(identity, trust)
+        self.engine.add_peer(LH_IP, [lighthouse_addr])
+        cert = identity[0]
+        self.client = LighthouseClient([LH_IP], cert.ip.ip, cert.subnets, ClientSettings(retry_interval=0.5))
+        self.unsent: list[bytes] = []  # control payloads waiting for the tunnel to come up
+        self.events: list = []
+        self.transport = None
+
+    async def start(self):
+        loop = asyncio.get_running_loop()
+        node = self
+
+        class Protocol(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                node.engine.receive_datagram(data, addr, time.time())
+                node.pump()
+
+        self.transport, _ = await loop.create_datagram_endpoint(Protocol, local_addr=("127.0.0.1", 0))
+        self.address = self.transport.get_extra_info("sockname")
+
+    def pump(self):
+        now = time.time()
+        self.client.tick(now)
+        while (event := self.engine.next_event()) is not None:
+            if isinstance(event, ControlReceived) and event.peer_ip == LH_IP:
+                self.client.handle_control(event.payload, LH_IP, now)
+            elif isinstance(event, PeerUp):
+                pass
+        self.unsent += [m.payload for m in self.client.messages_to_send()]
+        still = []
+        for payload in self.unsent:
+            if not self.engine.send_control(payload, LH_IP, now):
+                still.append(payload)
+        self.unsent = still
+        while (event := self.client.next_event()) is not None:
+            self.events.append(event)
+        for data, addr in self.engine.datagrams_to_send():
+            self.transport.sendto(data, addr)
+
+    def close(self):
+        self.transport.close()
+
+
+async def until(predicate, nodes, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        for node in nodes:
+            node.engine.handle_timer(time.time())
+            node.pump()
+        await asyncio.sleep(0.02)
+
+
+async def test_register_resolve_punch_and_refusals_over_the_real_tunnel():
+    trust, identity = make_pki()
+    lh_identity = identity("lighthouse", f"{LH_IP}/16", [])
+    service = LighthouseService(TunnelEngine(lh_identity, trust), LighthouseCore(), tick_interval=0.1)
+    lh_addr = await service.start("127.0.0.1", 0)
+    alice = Node(identity("alice", "10.87.1.1/16", ["10.87.1.0/24"]), trust, lh_addr)
+    bob = Node(identity("bob", "10.87.2.1/16", ["10.87.2.0/24"]), trust, lh_addr)
+    await alice.start()
+    await bob.start()
+    nodes = [alice, bob]
+    intruder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        await until(lambda: len(service.core) == 2, nodes)
+        assert service.core.endpoints_of(IPv4Address("10.87.1.1"))[0] == alice.address
+
+        # Bob resolves a container address of Alice's; Alice is told to punch back at Bob.
+        assert bob.client.resolve(IPv4Address("10.87.1.7"), time.time()) is None
+        await until(lambda: any(isinstance(e, PeerResolved) for e in bob.events), nodes)
+        resolved = next(e for e in bob.events if isinstance(e, PeerResolved))
+        assert resolved.host_ip == IPv4Address("10.87.1.1") and resolved.endpoints[0] == alice.address
+        await until(lambda: any(isinstance(e, PunchRequested) for e in alice.events), nodes)
+        punch = next(e for e in alice.events if isinstance(e, PunchRequested))
+        assert punch.peer_ip == IPv4Address("10.87.2.1") and punch.endpoints[0] == bob.address
+
+        # An unauthenticated datagram is dropped and counted by the tunnel; the core never sees it.
+        core_before = dict(service.core.counters)
+        drops_before = sum(service.engine.drops.values())
+        intruder.sendto(encode_control_message(Register(IPv4Address("10.87.3.1"))), lh_addr)
+        intruder.sendto(b"\x04" + b"\x00" * 40, lh_addr)
+        await until(lambda: sum(service.engine.drops.values()) >= drops_before + 2, nodes)
+        assert dict(service.core.counters) == core_before
+
+        # Alice cannot claim Bob's subnet, even through her authenticated tunnel.
+        claim = Register(IPv4Address("10.87.1.1"), (IPv4Network("10.87.2.0/24"),))
+        alice.unsent.append(encode_control_message(claim))
+        alice.pump()
+        await until(lambda: any(isinstance(e, LighthouseRefused) for e in alice.events), nodes)
+        assert service.core.counters["refused.claim-outside-certificate"] == 1
+        refused = next(e for e in alice.events if isinstance(e, LighthouseRefused))
+        assert refused.reason == "claim-outside-certificate"
+        reply = bob.client.resolve(IPv4Address("10.87.2.9"), time.time())  # still Bob's
+        await until(lambda: sum(isinstance(e, PeerResolved) for e in bob.events) >= 2, nodes)
+        assert reply is None and bob.events[-1].host_ip == IPv4Address("10.87.2.1")
+        assert service.status()["nodes"] == 2
+    finally:
+        intruder.close()
+        alice.close()
+        bob.close()
+        await service.stop()
+
+
+def test_main_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "lighthouse.toml"
+    bad.write_text("listen_port = 70000\n")
+    assert lighthouse_main(["--config", str(bad)]) == 2
+    assert "listen_port" in capsys.readouterr().err
+    missing = tmp_path / "pki.toml"
+    missing.write_text(f'[pki]\nca = "{tmp_path}/nope.crt"\n')
+    assert lighthouse_main(["--config", str(missing)]) == 2
+    assert LighthouseConfig().listen_port == 4242
