@@ -30,7 +30,7 @@ def conflist(network: str, subnet: str, data_dir: str, node_socket: str, flatnet
         "flatnetRange": flatnet_range,
         "dataDir": data_dir,
         "nodeSocket": node_socket,
-        "capabilities": {"portMappings": True},
+        "capabilities": {"portMappings": True, "ips": True, "mac": True},
     }
     if mtu:
         plugin["mtu"] = mtu

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from cni import links
-from cni.ipam import AddressesExhausted, AddressPool, Lease
+from cni.ipam import AddressesExhausted, AddressPool, AddressTaken, Lease
 from cni.spec import (
     ARG_POD_NAME,
+    ERR_ADDRESS_TAKEN,
     ERR_ADDRESSES_EXHAUSTED,
     ERR_CHECK_FAILED,
     ERR_INTERNAL,
@@ -87,6 +88,28 @@ class PluginConfig:
 
     def pool(self) -> AddressPool:
         return AddressPool(self.data_dir, self.network, self.subnet, self.gateway)
+
+
+def requested_address_and_mac(request: CniRequest) -> tuple[ipaddress.IPv4Address | None, str | None]:
+    """The ``ips`` and ``mac`` capabilities (runtimeConfig; CNI CONVENTIONS.md).
+
+    Podman sends them for ``--ip`` / ``--mac-address`` and, on ``podman network reload`` (a DEL
+    then an ADD), the container's previous address and MAC so it keeps them.
+    """
+    rc = request.runtime_config
+    requested = None
+    for text in rc.get("ips") or []:
+        try:
+            candidate = ipaddress.ip_interface(str(text)).ip
+        except ValueError:
+            raise CniError(ERR_INVALID_CONFIG, "invalid runtimeConfig.ips entry", repr(text)) from None
+        if candidate.version == 4:
+            requested = candidate
+            break
+    mac = rc.get("mac")
+    if mac is not None and (not isinstance(mac, str) or len(mac.split(":")) != 6):
+        raise CniError(ERR_INVALID_CONFIG, "invalid runtimeConfig.mac", repr(mac))
+    return requested, mac
 
 
 @dataclass(frozen=True)
@@ -162,13 +185,19 @@ class CniCore:
             port_mappings=list(request.runtime_config.get("portMappings") or []),
             podman_env=dict(request.podman_env),
         )
+        requested, mac = requested_address_and_mac(request)
         try:
-            address = pool.allocate(lease)
+            address = pool.allocate(lease, requested)
         except AddressesExhausted as exc:
             raise CniError(ERR_ADDRESSES_EXHAUSTED, "no free address", str(exc)) from None
+        except AddressTaken as exc:
+            raise CniError(ERR_ADDRESS_TAKEN, "requested address is taken", str(exc)) from None
+        except ValueError as exc:
+            raise CniError(ERR_INVALID_CONFIG, "invalid requested address", str(exc)) from None
+        links.crash_point("after-lease")
         try:
             container_mac, host_mac = links.setup(request.netns, request.ifname, host_ifname, address,
-                                                  conf.gateway, conf.routes, conf.mtu)
+                                                  conf.gateway, conf.routes, conf.mtu, mac)
         except BaseException:
             links.teardown(host_ifname)
             pool.release(request.container_id, request.ifname)

@@ -7,6 +7,9 @@ Layout of ``<data_dir>/<network>/`` (the same idea as the reference ``host-local
                     address just freed is not reused at once (a stale route or ARP entry for the
                     old container would otherwise reach the new one)
     10.87.1.7       one file per leased address: the lease as JSON (container id, ifname, ...)
+    recent          the last RECENT_MAX released leases' (container, ifname, address): an ADD for
+                    the same container gets its old address back if still free. Podman 4.3's
+                    ``network reload`` is a DEL then an ADD without asking for the old address.
 
 Why it is crash-safe: a lease file is written in full under a temporary name and then
 ``link(2)``-ed to its address name, which fails if the name exists. So a lease is either complete
@@ -34,11 +37,17 @@ from typing import Any
 
 LOCK_FILE = "lock"
 LAST_RESERVED_FILE = "last_reserved"
+RECENT_FILE = "recent"
+RECENT_MAX = 256
 TMP_PREFIX = ".tmp-"
 
 
 class AddressesExhausted(Exception):
     """Every address of the subnet is leased."""
+
+
+class AddressTaken(Exception):
+    """The requested address is leased to another container."""
 
 
 @dataclass(frozen=True)
@@ -85,16 +94,38 @@ class AddressPool:
 
     # -- changes ------------------------------------------------------------------------------
 
-    def allocate(self, lease: Lease) -> ipaddress.IPv4Address:
-        """Lease a free address to *lease*'s (container, ifname); the same one again if it has one."""
+    def allocate(self, lease: Lease, requested: ipaddress.IPv4Address | None = None) -> ipaddress.IPv4Address:
+        """Lease a free address to *lease*'s (container, ifname); the same one again if it has one.
+
+        *requested*: this address or none (``podman run --ip``, and Podman's ``network reload``,
+        which asks for the container's previous address); raises :class:`AddressTaken` if another
+        container holds it, ``ValueError`` if it is not a usable address of the subnet.
+        """
         with self._locked():
             found = self._find(lease.container_id, lease.ifname)
+            if found and requested is not None and found[0] != requested:
+                os.unlink(self.dir / str(found[0]))  # moving to the requested address
+                found = None
             if found:
                 address, old = found
                 if old != lease:
                     self._write(address, lease, replace=True)
                 return address
+            if requested is not None:
+                if requested not in self.subnet or requested in (self.gateway, self.subnet.network_address,
+                                                                 self.subnet.broadcast_address):
+                    raise ValueError(f"{requested} is not a usable address of {self.subnet}")
+                try:
+                    self._write(requested, lease, replace=False)
+                except FileExistsError:
+                    holder = self._read(requested)
+                    raise AddressTaken(f"{requested} is leased to {holder.container_id[:12] if holder else '?'}") from None
+                return requested
             taken = {a for a, _ in self._scan()}
+            previous = self._read_recent().get(f"{lease.container_id}/{lease.ifname}")
+            if previous is not None and previous not in taken and previous in set(self._candidates()):
+                self._write(previous, lease, replace=False)
+                return previous
             for address in self._candidates():
                 if address in taken:
                     continue
@@ -113,6 +144,11 @@ class AddressPool:
             for address, _ in freed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / str(address))
+            if freed:
+                recent = self._read_recent()
+                recent.pop(f"{container_id}/{ifname}", None)
+                recent[f"{container_id}/{ifname}"] = freed[0][0]
+                self._write_recent(dict(list(recent.items())[-RECENT_MAX:]))
             return freed
 
     def release_address(self, address: ipaddress.IPv4Address, container_id: str) -> bool:
@@ -194,6 +230,17 @@ class AddressPool:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _read_recent(self) -> dict[str, ipaddress.IPv4Address]:
+        try:
+            return {k: ipaddress.IPv4Address(v) for k, v in json.loads((self.dir / RECENT_FILE).read_text()).items()}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def _write_recent(self, recent: dict[str, ipaddress.IPv4Address]) -> None:
+        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-recent"
+        tmp.write_text(json.dumps({k: str(v) for k, v in recent.items()}))
+        os.replace(tmp, self.dir / RECENT_FILE)
 
     def _read_last_reserved(self) -> ipaddress.IPv4Address | None:
         try:

@@ -26,6 +26,7 @@ import errno
 import hashlib
 import ipaddress
 import os
+import signal
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -34,10 +35,18 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni.spec import ERR_CHECK_FAILED, ERR_CONTAINER_UNKNOWN, CniError
 
+# Fault injection for the crash tests: the plugin SIGKILLs itself at the named point
+# ("after-lease", "after-veth"), as a crash or an impatient runtime would. Unset in production.
+CRASH_POINT_ENV = "FLATNET_CNI_CRASH_POINT"
 CLONE_NEWNET = 0x40000000
 SCOPE_LINK = 253
 HOST_IFNAME_PREFIX = "fn"
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def host_ifname_for(container_id: str, ifname: str) -> str:
@@ -96,7 +105,8 @@ def _mac(ipr: IPRoute, index: int) -> str:
 
 
 def setup(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv4Address,
-          gateway: ipaddress.IPv4Address, routes: Sequence[ipaddress.IPv4Network], mtu: int = 0) -> tuple[str, str]:
+          gateway: ipaddress.IPv4Address, routes: Sequence[ipaddress.IPv4Network], mtu: int = 0,
+          mac: str | None = None) -> tuple[str, str]:
     """Build the pair and its addresses and routes; returns (container MAC, host MAC).
 
     Starts from a clean slate: a host side left by an earlier ADD (a re-run, or a crash half-way)
@@ -114,12 +124,15 @@ def setup(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv
             if mtu:
                 link["mtu"] = mtu
                 link["peer"]["mtu"] = mtu
+            if mac:
+                link["peer"]["address"] = mac
             try:
                 host.link("add", **link)
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
                     raise CniError(ERR_CHECK_FAILED, "interface already exists in the container", ifname) from None
                 raise
+            crash_point("after-veth")
             host_index = _index(host, host_ifname)
             host.addr("add", index=host_index, address=str(gateway), prefixlen=32)
             host.link("set", index=host_index, state="up")

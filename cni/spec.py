@@ -40,6 +40,7 @@ ERR_PLUGIN_NOT_AVAILABLE_LIMITED = 51
 ERR_ADDRESSES_EXHAUSTED = 100  # no free address left in this host's subnet
 ERR_CHECK_FAILED = 101  # CHECK found the container's network differs from what ADD set up
 ERR_INTERNAL = 102  # an unexpected failure (a bug): details carry the exception
+ERR_ADDRESS_TAKEN = 103  # the requested address (runtimeConfig "ips") is another container's
 
 # Capability / runtimeConfig keys and CNI_ARGS keys Podman 4.3 sends (seen on the wire).
 ARG_POD_NAME = "K8S_POD_NAME"  # Podman puts the container's name here

@@ -76,12 +76,11 @@ class CniHost:
 
     # -- the node ---------------------------------------------------------------------------------
 
-    def start_node(self, gateway_url: str | None = None) -> None:
+    def start_node(self, gateway_url: str | None = None, token_file: Path | None = None) -> None:
         lines = ['name = "wsl-test"', f'control_socket = "{self.socket}"', "[cni]", f'subnet = "{SUBNET}"',
                  f'data_dir = "{self.base / "data"}"']
         if gateway_url:
-            (self.base / "token").write_text("test-token\n")
-            lines += ["[gateway]", f'admin_url = "{gateway_url}"', f'token_file = "{self.base / "token"}"',
+            lines += ["[gateway]", f'admin_url = "{gateway_url}"', f'token_file = "{token_file}"',
                       "retry_interval = 0.1"]
         (self.base / "node.toml").write_text("\n".join(lines) + "\n")
         log = open(self.base / "node.log", "ab")  # noqa: SIM115 - closed in stop_node

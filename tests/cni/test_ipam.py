@@ -24,6 +24,31 @@ def test_addresses_skip_gateway_and_are_reused_only_after_the_others(tmp_path):
     assert str(p.allocate(Lease("c3", "eth0"))) == "10.87.1.4"  # not the just-freed .2
 
 
+def test_a_released_container_gets_its_old_address_back_if_free(tmp_path):
+    p = pool(tmp_path)
+    a = p.allocate(Lease("c1", "eth0"))
+    p.allocate(Lease("c2", "eth0"))
+    p.release("c1", "eth0")
+    assert p.allocate(Lease("c1", "eth0")) == a  # podman network reload: DEL then ADD
+    p.release("c1", "eth0")
+    p.allocate(Lease("c3", "eth0"), requested=a)
+    assert p.allocate(Lease("c1", "eth0")) != a  # taken meanwhile: any other address
+
+
+def test_requested_addresses(tmp_path):
+    from cni.ipam import AddressTaken
+
+    p = pool(tmp_path)
+    assert str(p.allocate(Lease("c1", "eth0"), ipaddress.IPv4Address("10.87.1.5"))) == "10.87.1.5"
+    with pytest.raises(AddressTaken):
+        p.allocate(Lease("c2", "eth0"), ipaddress.IPv4Address("10.87.1.5"))
+    for bad in ("10.87.1.1", "10.87.1.7", "10.87.2.2"):
+        with pytest.raises(ValueError):
+            p.allocate(Lease("c2", "eth0"), ipaddress.IPv4Address(bad))
+    assert str(p.allocate(Lease("c1", "eth0"), ipaddress.IPv4Address("10.87.1.6"))) == "10.87.1.6"  # moves
+    assert [str(a) for a in p.leases()] == ["10.87.1.6"]
+
+
 def test_allocate_again_returns_the_same_address_and_updates_the_lease(tmp_path):
     p = pool(tmp_path)
     a = p.allocate(Lease("c1", "eth0", name="old"))
