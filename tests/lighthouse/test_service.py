@@ -178,3 +178,52 @@ def test_main_reports_config_errors_without_a_traceback(tmp_path, capsys):
     missing.write_text(f'[pki]\nca = "{tmp_path}/nope.crt"\n')
     assert lighthouse_main(["--config", str(missing)]) == 2
     assert LighthouseConfig().listen_port == 4242
+
+
+async def test_flatnet_lighthouse_process_serves_a_node_and_stops_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    from flatnet.pki.files import write_certificate, write_host_key
+
+    now = int(time.time())
+    ca, ca_key = new_ca("test-ca", not_after=now + 86400, not_before=now - 3600)
+    write_certificate(tmp_path / "ca.crt", ca)
+    identities = {}
+    for name, ip, subnets in (("lighthouse", f"{LH_IP}/16", []), ("alice", "10.87.1.1/16", ["10.87.1.0/24"])):
+        key = X25519PrivateKey.generate()
+        cert = sign_host(
+            ca,
+            ca_key,
+            name,
+            ip,
+            subnets,
+            ["hosts"],
+            key.public_key().public_bytes_raw(),
+            now - 60,
+            now + 3600,
+        )
+        identities[name] = (cert, key)
+    write_certificate(tmp_path / "lh.crt", identities["lighthouse"][0])
+    write_host_key(tmp_path / "lh.key", identities["lighthouse"][1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "lighthouse.toml"
+    config.write_text(
+        f'listen_host = "127.0.0.1"\nlisten_port = {port}\n'
+        f'[pki]\nca = "{tmp_path}/ca.crt"\ncert = "{tmp_path}/lh.crt"\nkey = "{tmp_path}/lh.key"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lighthouse.main", "--config", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    alice = Node(identities["alice"], TrustStore([ca]), ("127.0.0.1", port))
+    await alice.start()
+    try:
+        await until(lambda: alice.client.lighthouse_status()[LH_IP][0] is not None, [alice], timeout=20.0)
+        assert alice.client.lighthouse_status()[LH_IP][1] == alice.address  # what the lighthouse observed
+    finally:
+        alice.close()
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
