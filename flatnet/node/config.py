@@ -75,6 +75,7 @@ class CniConfig:
     mtu: int = 0  # container veth MTU; 0: the kernel's default (1500)
     plugin_dir: Path = Path("/usr/local/lib/cni")  # where `flatnet cni install` puts the plugin
     conf_dir: Path = Path("/etc/cni/net.d")  # where `flatnet cni install` writes the conflist
+    read_labels: bool = True  # after ADD, read flatnet.* labels with `podman container inspect`
 
 
 @dataclass(frozen=True)
