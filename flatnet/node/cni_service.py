@@ -358,14 +358,18 @@ class CniService:
     async def _register(self, address: ipaddress.IPv4Address, lease: Lease) -> None:
         labels: dict[str, str] | None = {}
         try:
-            labels = await self.label_reader(lease.container_id, lease.podman_env)
+            if self.config.cni.read_labels:
+                labels = await self.label_reader(lease.container_id, lease.podman_env)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # podman missing or slow: publish with what the plugin passed
             log.warning("reading labels of %s failed: %s", lease.container_id[:12], exc)
             labels = {}
         if labels is None:
-            return  # the container does not exist (any more): DEL or GC will clean up
+            # Podman does not know the container: another runtime (netavark front end, a CNI tool)
+            # or a Podman with other config files. A Podman container removed meanwhile cannot be
+            # the reason: its DEL cancels this lookup first.
+            labels = {}
         self.registry.put(service_for(lease.container_id, lease.name, address, labels, lease.port_mappings))
 
     def plugin_config(self) -> PluginConfig | None:
