@@ -543,7 +543,9 @@ class Lab:
             lines.append("\nNot started / stand-ins:")
             lines += [f"  - {n}" for n in manifest.notes]
         check = manifest.facts.get("check", {})
-        lines.append(f"\nChecked from {topo.client}: GET {check.get('url')} -> {'ok' if check.get('ok') else 'FAIL'} ({check.get('detail')})")
+        lines.append(f"\nChecked from {topo.client}, through the gateway:")
+        for r in check.get("services", []):
+            lines.append(f"  GET {r['url']} -> {'ok' if r['ok'] else 'FAIL'} ({r['detail']})")
         if "browser" in manifest.facts:
             b = manifest.facts["browser"]
             lines.append(f"Checked with headless Chromium in {topo.client}: {'ok' if b['ok'] else 'FAIL'} ({b['detail']})")

@@ -105,6 +105,13 @@ def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothi
     status = capsys.readouterr().out
     assert "alive" in status and "DEAD" not in status and "FAIL" not in status
 
+    tunnel = LabState(lab).load().facts.get("tunnel", [])
+    if tunnel == ["wsl1", "wsl2"]:  # the nodes got certificates: the printed ping must work
+        assert "ping -c 3 10.87.2.1" in printed
+        ping = subprocess.run(["nsenter", f"--net=/run/netns/{lab}-wsl1", "ping", "-c", "2", "-W", "2", "10.87.2.1"],
+                              capture_output=True, text=True)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+
     pids = recorded_pids(lab)
     assert main(["lab", "down", "--prefix", lab]) == 0
     assert_gone(lab, pids)
