@@ -101,6 +101,7 @@ class Dataplane:
         self.firewall = firewall
         self.settings = settings
         self.drops: Counter = Counter()
+        self.stats: Counter = Counter()  # how the fast path went (not errors)
         self.reassembly = Reassembly()
         self.paths: dict = {}  # peer Flatnet IP -> PeerPath
         self._local_ip_raw = settings.local_ip.packed
@@ -278,6 +279,12 @@ class Dataplane:
     def udp_datagram(self, data, addr, now: float, segment_size: int = 0) -> None:
         """One UDP read; *segment_size* > 0 when the kernel coalesced datagrams of that size (GRO)."""
         if segment_size and len(data) > segment_size:
+            if data[0] == B.FRAGMENT_TYPE:
+                message = B.join_fragment_train(data, segment_size)
+                if message is not None:
+                    self.stats["gro_trains_joined"] += 1
+                    self._datagram(message, addr, now)
+                    return
             view = memoryview(data)
             for at in range(0, len(view), segment_size):
                 self._datagram(view[at : at + segment_size], addr, now)
@@ -547,7 +554,7 @@ class Dataplane:
         drops.update(self.reassembly.drops)
         drops.update({f"firewall.{k}": v for k, v in self.firewall.drops.items()})
         drops.update({f"tunnel.{k}": v for k, v in dict(getattr(self.engine, "drops", {}) or {}).items()})
-        return {"peers": peers, "drops": dict(drops), "firewall": self.firewall.status()}
+        return {"peers": peers, "drops": dict(drops), "stats": dict(self.stats), "firewall": self.firewall.status()}
 
 
 def _endpoint(session):

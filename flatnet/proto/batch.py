@@ -146,3 +146,27 @@ def encode_fragments(message, message_id: int, datagram_budget: int) -> tuple[by
         parts.append(pack(FRAGMENT_TYPE, index, count, 0, message_id))
         parts.append(view[index * piece : (index + 1) * piece])
     return b"".join(parts), piece + FRAGMENT_HEADER_LEN
+
+
+def join_fragment_train(buffer, segment_size: int) -> bytes | None:
+    """The message in a GRO-coalesced *buffer* holding exactly all its fragments, in order; else None.
+
+    The common case on a clean path: the sender's one GSO send comes back as one GRO read. Anything
+    else (a partial message, two messages, a gap) returns None and goes through reassembly.
+    """
+    view = memoryview(buffer)
+    if segment_size <= FRAGMENT_HEADER_LEN or len(view) <= segment_size:
+        return None
+    count = -(-len(view) // segment_size)
+    if view[0] != FRAGMENT_TYPE or view[1] != 0 or view[2] != count or not 2 <= count <= MAX_FRAGMENTS:
+        return None
+    tail = view[2:FRAGMENT_HEADER_LEN]  # count, reserved, message id: the same in every fragment
+    if tail[1] != 0:
+        return None
+    parts = []
+    for index in range(count):
+        at = index * segment_size
+        if view[at] != FRAGMENT_TYPE or view[at + 1] != index or view[at + 2 : at + FRAGMENT_HEADER_LEN] != tail:
+            return None
+        parts.append(view[at + FRAGMENT_HEADER_LEN : at + segment_size])
+    return b"".join(parts)

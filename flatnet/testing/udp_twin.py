@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 
 class UdpNetwork:
-    def __init__(self, impair: Callable[[bytes, tuple, tuple], list[bytes]] | None = None) -> None:
+    def __init__(self, impair: Callable[[bytes, tuple, tuple], list[bytes]] | None = None, gro: bool = False) -> None:
         self.endpoints: dict[tuple, UdpTwin] = {}
         self.impair = impair
+        self.gro = gro  # hand a GSO send over whole, as the kernel does between a veth's ends with UDP_GRO
         self.sent_datagrams = 0
 
     def endpoint(self, addr: tuple[str, int]) -> UdpTwin:
@@ -46,7 +47,12 @@ class UdpTwin:
     def send(self, buffer, addr, segment_size: int = 0) -> bool:
         """Always True: the twin's socket buffer never fills."""
         data = bytes(buffer)
-        if segment_size:
+        if segment_size and self.network.gro and self.network.impair is None:
+            target = self.network.endpoints.get(tuple(addr))
+            self.network.sent_datagrams += -(-len(data) // segment_size)
+            if target is not None:
+                target.inbox.append((data, self.addr, segment_size))
+        elif segment_size:
             for at in range(0, len(data), segment_size):
                 self.network.carry(data[at : at + segment_size], self.addr, addr)
         else:

@@ -121,3 +121,18 @@ def test_arbitrary_records_in_an_authentic_message_never_raise(items):
     datagram = bytes(session.seal(payload, 5, pair.now))
     pair.b.dataplane.udp_datagram(datagram, pair.a.io.udp.addr, pair.now)
     pair.b.dataplane.take_tun_writes()
+
+
+def test_a_whole_gro_train_is_joined_without_reassembly():
+    message = bytes(random.Random(3).randbytes(9000))
+    buffer, segment = B.encode_fragments(message, 5, 1472)
+    assert B.join_fragment_train(buffer, segment) == message
+    assert B.join_fragment_train(buffer[segment:], segment) is None  # not from the start
+    broken = bytearray(buffer)
+    broken[segment + 1] = 7  # a wrong index in the middle
+    assert B.join_fragment_train(bytes(broken), segment) is None
+
+
+@given(st.binary(max_size=3000), st.integers(0, 1600))
+def test_join_fragment_train_never_raises(data, segment):
+    B.join_fragment_train(bytes([B.FRAGMENT_TYPE]) + data, segment)

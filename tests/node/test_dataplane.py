@@ -6,6 +6,7 @@ import ipaddress
 import os
 import struct
 
+import pytest
 from scapy.layers.inet import ICMP, IP, TCP
 
 from flatnet.firewall import FirewallConfig, FirewallRuleConfig
@@ -30,8 +31,9 @@ def test_ping_crosses_after_on_demand_handshake():
     assert status["peers"][B_IP]["rx_packets"] == 1
 
 
-def test_superpacket_is_cut_at_the_cap_and_merged_back_into_one_write():
-    pair = Pair(max_cap=4, adaptive=False)
+@pytest.mark.parametrize("gro", [False, True])
+def test_superpacket_is_cut_at_the_cap_and_merged_back_into_one_write(gro):
+    pair = Pair(network=UdpNetwork(gro=gro), max_cap=4, adaptive=False)
     pair.establish()
     mss = 1380
     payload = os.urandom(mss * 10 + 500)  # 11 segments: 3 messages of <= 4 segments
@@ -49,6 +51,8 @@ def test_superpacket_is_cut_at_the_cap_and_merged_back_into_one_write():
         del parsed[TCP].chksum
         assert IP(bytes(parsed))[TCP].chksum == want  # the checksum the kernel completes is right
     assert IP(segments[-1])[TCP].flags == "PA" and all(IP(s)[TCP].flags == "A" for s in segments[:-1])
+    assert len(pair.b.dataplane.reassembly) == 0 and not pair.b.dataplane.reassembly.drops
+    assert pair.b.dataplane.stats["gro_trains_joined"] == (3 if gro else 0)
 
 
 def test_small_packets_share_one_message():
