@@ -180,7 +180,7 @@ _keys = st.sampled_from(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.integers(0, 12), st.dictionaries(_keys, _values, max_size=8))
 def test_structured_garbage_raises_only_control_message_error(kind, fields):
     data = msgpack.packb({"v": 1, "t": kind, **fields}, use_bin_type=True)

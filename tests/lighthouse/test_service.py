@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flatnet.pki.cert import TrustStore, new_ca, sign_host
 from flatnet.proto.control import Register, encode_control_message
 from flatnet.proto.engine import TunnelEngine
-from flatnet.proto.events import ControlReceived, PeerUp
+from flatnet.proto.events import ControlReceived
 from lighthouse.client import (
     ClientSettings,
     LighthouseClient,
@@ -63,12 +63,19 @@ def make_pki():
 class Node:
     """The I/O a flatnet-node will do for discovery, reduced to what the test needs."""
 
-    def __init__(self, identity, trust, lighthouse_addr):
+    def __init__(self, identity, trust, lighthouses):
+        """*lighthouses*: {Flatnet IP: underlay address}, or one address for LH_IP."""
+        if not isinstance(lighthouses, dict):
+            lighthouses = {LH_IP: lighthouses}
+        self.lighthouses = lighthouses
         self.engine = TunnelEngine(identity, trust)
-        self.engine.add_peer(LH_IP, [lighthouse_addr])
+        for ip, addr in lighthouses.items():
+            self.engine.add_peer(ip, [addr])
         cert = identity[0]
-        self.client = LighthouseClient([LH_IP], cert.ip.ip, cert.subnets, ClientSettings(retry_interval=0.5))
-        self.unsent: list[bytes] = []  # control payloads waiting for the tunnel to come up
+        self.client = LighthouseClient(
+            list(lighthouses), cert.ip.ip, cert.subnets, ClientSettings(retry_interval=0.5)
+        )
+        self.unsent: list[tuple] = []  # (lighthouse, payload) waiting for the tunnel to come up
         self.events: list = []
         self.transport = None
 
@@ -88,16 +95,12 @@ class Node:
         now = time.time()
         self.client.tick(now)
         while (event := self.engine.next_event()) is not None:
-            if isinstance(event, ControlReceived) and event.peer_ip == LH_IP:
-                self.client.handle_control(event.payload, LH_IP, now)
-            elif isinstance(event, PeerUp):
-                pass
-        self.unsent += [m.payload for m in self.client.messages_to_send()]
-        still = []
-        for payload in self.unsent:
-            if not self.engine.send_control(payload, LH_IP, now):
-                still.append(payload)
-        self.unsent = still
+            if isinstance(event, ControlReceived) and event.peer_ip in self.lighthouses:
+                self.client.handle_control(event.payload, event.peer_ip, now)
+        self.unsent += [(m.lighthouse, m.payload) for m in self.client.messages_to_send()]
+        # A control payload for a lighthouse whose tunnel is not up waits (the engine starts the
+        # handshake); the client's own retries cover a lighthouse that never answers.
+        self.unsent = [(lh, p) for lh, p in self.unsent if not self.engine.send_control(p, lh, now)][-64:]
         while (event := self.client.next_event()) is not None:
             self.events.append(event)
         for data, addr in self.engine.datagrams_to_send():
@@ -152,7 +155,7 @@ async def test_register_resolve_punch_and_refusals_over_the_real_tunnel():
 
         # Alice cannot claim Bob's subnet, even through her authenticated tunnel.
         claim = Register(IPv4Address("10.87.1.1"), (IPv4Network("10.87.2.0/24"),))
-        alice.unsent.append(encode_control_message(claim))
+        alice.unsent.append((LH_IP, encode_control_message(claim)))
         alice.pump()
         await until(lambda: any(isinstance(e, LighthouseRefused) for e in alice.events), nodes)
         assert service.core.counters["refused.claim-outside-certificate"] == 1
@@ -227,3 +230,38 @@ async def test_flatnet_lighthouse_process_serves_a_node_and_stops_cleanly(tmp_pa
         process.terminate()
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 0, stderr
+
+
+async def test_a_second_lighthouse_keeps_discovery_going_when_the_first_is_killed():
+    trust, identity = make_pki()
+    lh_ips = [IPv4Address("10.87.255.1"), IPv4Address("10.87.255.2")]
+    services = [
+        LighthouseService(
+            TunnelEngine(identity(f"lh{i}", f"{ip}/16", []), trust), LighthouseCore(), tick_interval=0.1
+        )
+        for i, ip in enumerate(lh_ips)
+    ]
+    addrs = {ip: await service.start("127.0.0.1", 0) for ip, service in zip(lh_ips, services, strict=True)}
+    alice = Node(identity("alice", "10.87.1.1/16", ["10.87.1.0/24"]), trust, addrs)
+    bob = Node(identity("bob", "10.87.2.1/16", ["10.87.2.0/24"]), trust, addrs)
+    carol = Node(identity("carol", "10.87.3.1/16", ["10.87.3.0/24"]), trust, addrs)
+    nodes = [alice, bob, carol]
+    for node in nodes:
+        await node.start()
+    try:
+        await until(lambda: all(len(s.core) == 3 for s in services), nodes)
+        await services[0].stop()  # lighthouse 1 dies
+        for node in (bob, carol):  # new peers are still found, through lighthouse 2
+            node.client.resolve(IPv4Address("10.87.1.9"), time.time())
+        await until(
+            lambda: all(any(isinstance(e, PeerResolved) for e in n.events) for n in (bob, carol)), nodes
+        )
+        for node in (bob, carol):
+            resolved = next(e for e in node.events if isinstance(e, PeerResolved))
+            assert resolved.lighthouse == lh_ips[1] and resolved.endpoints[0] == alice.address
+        assert services[1].core.counters["punch.sent"] == 2
+    finally:
+        for node in nodes:
+            node.close()
+        for service in services:
+            await service.stop()
