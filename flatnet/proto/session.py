@@ -100,7 +100,7 @@ class TransportSession:
 
     # -- the hot path -----------------------------------------------------------------------------
 
-    def seal(self, payload: bytes, msg_type: MessageType = MessageType.DATA, now: float = 0.0) -> bytes:
+    def seal(self, payload: bytes, msg_type: MessageType, now: float) -> bytes:
         """The full datagram carrying `payload` as `msg_type`. Raises SessionExpiredError past the limits.
 
         After sealing, drain `engine.datagrams_to_send()`: sealing may have started a rekey.

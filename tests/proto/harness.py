@@ -62,6 +62,7 @@ class Wire:
         self.now = T0
         self.log: list[tuple[float, tuple, tuple, bytes]] = []  # (time, src, dst, datagram): everything sent
         self.held: list[tuple[tuple, tuple, bytes]] = []
+        self.delivered: list[tuple[tuple, tuple, bytes]] = []  # what reached a node (after impairments)
 
     def add(self, node: Node) -> Node:
         self.nodes[node.addr] = node
@@ -97,6 +98,7 @@ class Wire:
             for src, dst, data in deliver:
                 node = self.nodes.get(dst)
                 if node is not None:
+                    self.delivered.append((src, dst, data))
                     node.engine.receive_datagram(data, src, self.now)
             for node in self.nodes.values():
                 node.drain_events()

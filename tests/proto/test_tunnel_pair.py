@@ -105,9 +105,13 @@ def test_loss_reordering_duplication_deliver_exactly_once(seed):
         wire.run(rounds=2)
         wire.advance(0.1)
     wire.advance(30, step=1)
-    for node, sent in ((b, sent_ab), (a, sent_ba)):
+    for node, sender, sent in ((b, a, sent_ab), (a, b, sent_ba)):
         assert len(node.received) == len(set(node.received)), "a packet was delivered twice"
         assert set(node.received) <= set(sent)
+        # Exactly what arrived: one delivery per distinct DATA datagram that reached the node.
+        arrived = {d for src, dst, d in wire.delivered
+                   if src == sender.addr and dst == node.addr and d[0] == MessageType.DATA and len(d) > TRANSPORT_OVERHEAD}
+        assert len(node.received) == len(arrived)
         # Loss is 20% per datagram; what arrives is delivered (no dropped-as-replay of fresh packets).
         assert len(node.received) >= 0.5 * len(sent)
         assert node.engine.drops["decrypt-failed"] == 0
