@@ -6,9 +6,12 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatnet.proto.control import (
     TRANSPORT_UDP,
+    ControlMessageError,
     QueryReply,
     Register,
     Relay,
@@ -301,3 +304,21 @@ def test_pending_queries_are_capped(pending_cap):
         bob.resolve(IPv4Address(f"10.87.9.{i}"), 0.0)
     assert bob.counters["query.sent"] == 3
     assert bob.counters["query.dropped-too-many-pending"] == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1300))
+def test_garbage_from_a_lighthouse_changes_nothing(data):
+    client = LighthouseClient([LH1, LH2], IPv4Address("10.87.2.1"))
+    client.resolve(IPv4Address("10.87.1.1"), 0.0)
+    client.messages_to_send()
+    pending_before = {rid: (p.answered.copy(), p.result) for rid, p in client._pending.items()}
+    try:
+        parse_control_message(data)
+        return  # (practically never: a valid message is not garbage)
+    except ControlMessageError:
+        pass
+    client.handle_control(data, LH1, 0.1)
+    assert client.next_event() is None and client.messages_to_send() == []
+    assert {rid: (p.answered, p.result) for rid, p in client._pending.items()} == pending_before
+    assert sum(v for k, v in client.counters.items() if k.startswith("drop.malformed.")) == 1

@@ -170,3 +170,15 @@ def test_garbage_never_raises_out_of_the_relay_table(raw):
     table = RelayTable(SECRET)
     assert table.receive(raw, A_UDP, 0.0) == []  # a random BIND token never verifies
     assert len(table) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_stream_decoder_raises_only_relay_frame_error(chunks):
+    decoder = StreamFrameDecoder()
+    try:
+        for chunk in chunks:
+            for frame in decoder.feed(chunk):
+                assert RELAY_HEADER_SIZE <= len(frame) <= MAX_RELAY_FRAME
+    except RelayFrameError:
+        pass
