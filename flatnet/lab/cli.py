@@ -6,6 +6,7 @@ import argparse
 import os
 
 from flatnet.errors import UserError
+from flatnet.lab.topology import SITES
 
 DEFAULT_PREFIX = "fnlab"
 
@@ -25,6 +26,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         return p
 
     up = add("up", "build the site, start gateway and apps, print what runs where and what to try", _up)
+    up.add_argument("--site", choices=sorted(SITES), default="office", help="which simulated site (default office)")
     up.add_argument(
         "--gateway",
         choices=("auto", "flatnet", "static"),
@@ -50,7 +52,7 @@ def _lab(args: argparse.Namespace):
         raise UserError("the lab needs root (network namespaces, nftables): run it with sudo")
     from flatnet.lab.site import Lab
 
-    return Lab(prefix=args.prefix)
+    return Lab(prefix=args.prefix, site=getattr(args, "site", "office"))
 
 
 def _up(args: argparse.Namespace) -> int:

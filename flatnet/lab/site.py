@@ -40,7 +40,7 @@ from flatnet.lab.state import (
 from flatnet.lab.topology import (
     CONTAINER_SERVICES,
     DEMO_ONLY_SERVICES,
-    OFFICE,
+    SITES,
     Service,
     Topology,
     namespace_name,
@@ -63,11 +63,14 @@ Out = Callable[[str], None]
 class Lab:
     """One lab: a topology, a prefix and its state directory."""
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX, topology: Topology = OFFICE, out: Out = print) -> None:
+    def __init__(self, prefix: str = DEFAULT_PREFIX, site: str = "office", out: Out = print) -> None:
         if not prefix or "/" in prefix or len(prefix) > 24:
             raise UserError(f"bad lab prefix {prefix!r}: 1-24 characters, no '/'")
+        if site not in SITES:
+            raise UserError(f"no site {site!r} (known: {', '.join(sorted(SITES))})")
         self.prefix = prefix
-        self.topology = topology
+        self.site = site
+        self.topology: Topology = SITES[site]
         self.state = LabState(prefix)
         self.out = out
 
@@ -86,6 +89,7 @@ class Lab:
             self.out(f"A lab with prefix {self.prefix!r} exists already: removing it first.")
             self.down(quiet=True)
         manifest = self.state.create()
+        manifest.facts["site"] = self.site
         try:
             return self._up(manifest, gateway_mode, browser, containers)
         except BaseException:
@@ -413,6 +417,7 @@ class Lab:
             self.out(f"Leftovers of a lab with prefix {self.prefix!r} (no manifest): {', '.join(present)}")
             self.out(f"Remove them with: flatnet lab down --prefix {self.prefix}")
             return 1
+        self.topology = SITES.get(manifest.facts.get("site", self.site), self.topology)
         healthy = True
         self.out(f"Lab {self.prefix!r} (state in {self.state.dir})")
         self.out("Namespaces:")

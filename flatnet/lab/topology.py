@@ -184,5 +184,10 @@ CONTAINER_SERVICES = (
 )
 
 
+# The sites `flatnet lab up --site NAME` can build. Later issues add theirs here (e.g. an office
+# behind NAT routers with a lighthouse on an "internet" host).
+SITES: dict[str, Topology] = {"office": OFFICE}
+
+
 def namespace_name(prefix: str, host: str) -> str:
     return f"{prefix}-{host}"
