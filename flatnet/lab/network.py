@@ -66,14 +66,20 @@ def nft_rulesets(topology: Topology) -> dict[str, str]:
             lines.append("  chain postrouting {")
             lines.append("    type nat hook postrouting priority srcnat; policy accept;")
             for m in nats:
-                lines.append(f'    ip saddr {m.source} oifname "{m.out_if}" masquerade')
+                mode = " random" if m.random_ports else ""
+                lines.append(f'    ip saddr {m.source} oifname "{m.out_if}" masquerade{mode}')
             lines.append("  }")
         blocks = [b for b in topology.blocked_ports if b.host == host]
-        if blocks:
-            lines.append("  chain input {")
-            lines.append("    type filter hook input priority filter; policy accept;")
-            for b in blocks:
-                lines.append(f'    iifname "{b.in_if}" tcp dport {b.port} counter drop')
+        for hook in ("input", "forward"):
+            rules = [b for b in blocks if b.forwarded == (hook == "forward")]
+            if not rules:
+                continue
+            lines.append(f"  chain {hook} {{")
+            lines.append(f"    type filter hook {hook} priority filter; policy accept;")
+            for b in rules:
+                port = f" dport {b.port}" if b.port is not None else ""
+                match = f"{b.protocol}{port}" if port else f"meta l4proto {b.protocol}"
+                lines.append(f'    iifname "{b.in_if}" {match} counter drop')
             lines.append("  }")
         lines.append("}")
         rulesets[host] = "\n".join(lines) + "\n"

@@ -75,20 +75,28 @@ class Route:
 
 @dataclass(frozen=True)
 class Masquerade:
-    """Source NAT on *host* for packets from *source* leaving through *out_if* (Windows' WSL NAT)."""
+    """Source NAT on *host* for packets from *source* leaving through *out_if* (Windows' WSL NAT).
+
+    Linux keeps the source port when it can: endpoint-independent mapping, as most home routers.
+    ``random_ports`` picks a fresh port per flow instead: an endpoint-dependent ("symmetric") NAT.
+    """
 
     host: str
     source: str
     out_if: str
+    random_ports: bool = False
 
 
 @dataclass(frozen=True)
 class BlockPort:
-    """Drop TCP to *port* on *host* arriving through *in_if* (the Windows firewall guarding the admin API)."""
+    """Drop packets to *port* (None: any port) on *host* arriving through *in_if*: the Windows firewall
+    guarding the admin API; a network that blocks UDP (``protocol="udp", port=None, forwarded=True``)."""
 
     host: str
     in_if: str
-    port: int
+    port: int | None
+    protocol: Literal["tcp", "udp"] = "tcp"
+    forwarded: bool = False  # also (only) packets routed through the host, not just those to it
 
 
 @dataclass(frozen=True)

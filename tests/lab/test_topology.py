@@ -51,3 +51,22 @@ def test_nftables_ruleset_masquerades_wsl_traffic_and_guards_the_admin_port():
     win = rules["win"]
     assert 'ip saddr 172.24.0.0/16 oifname "lan0" masquerade' in win
     assert f'iifname "lan0" tcp dport {ADMIN_PORT} counter drop' in win
+
+
+def test_rows_for_later_sites_render_nat_kinds_and_udp_blocks():
+    """What the NAT-router sites of the lighthouse issue need is rows, not code."""
+    from dataclasses import replace
+
+    from flatnet.lab.topology import BlockPort, Host, Link, Masquerade
+
+    site = replace(
+        OFFICE,
+        hosts=(*OFFICE.hosts, Host("nat1", "a symmetric home router", forwarding=True)),
+        links=(*OFFICE.links, Link("nat1", "wan0", "203.0.113.2/24", "win", "inet0", "203.0.113.1/24")),
+        masquerades=(*OFFICE.masquerades, Masquerade("nat1", "10.0.0.0/8", "wan0", random_ports=True)),
+        blocked_ports=(*OFFICE.blocked_ports, BlockPort("nat1", "wan0", None, "udp", forwarded=True)),
+    )
+    rules = nft_rulesets(site)
+    assert 'ip saddr 10.0.0.0/8 oifname "wan0" masquerade random' in rules["nat1"]
+    assert "chain forward" in rules["nat1"] and 'iifname "wan0" meta l4proto udp counter drop' in rules["nat1"]
+    assert "chain input" not in rules["nat1"]
