@@ -637,7 +637,7 @@ class TunnelEngine:
         peer.certificate = session.certificate
         if old_cert is None or old_cert.subnets != session.certificate.subnets:
             self._rebuild_routes()
-        if not peer.up:
+        if not peer.up or old_cert != session.certificate:  # up, or up again with a renewed certificate
             peer.up = True
             self._events.append(PeerUp(peer.ip, peer.endpoint, session.certificate))
         flushed = 0

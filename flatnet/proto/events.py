@@ -38,6 +38,8 @@ class RelayReceived:
 
 @dataclass(frozen=True)
 class PeerUp:
+    """A session with the peer is established; sent again if its certificate changed (renewal)."""
+
     peer_ip: IPv4Address
     endpoint: Any
     certificate: Any  # flatnet.pki.cert.Certificate

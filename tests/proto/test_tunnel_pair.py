@@ -308,3 +308,20 @@ def test_initiator_renews_when_receiving_on_a_165s_old_session():
     assert a.engine.stats["initiation-sent"] == 2
     assert b.engine.stats["initiation-sent"] == 0
     assert not a.engine.drops and not b.engine.drops
+
+
+def test_renewed_certificate_is_announced_again():
+    from tests.proto.harness import make_identity
+
+    wire, a, b = pair()
+    a.engine.send_packet(packet(A_IP, B_IP, 0), wire.now)
+    wire.run()
+    renewed_cert, renewed_key = make_identity(wire.ca, "bravo-renewed", "10.87.2.1/16", ["10.87.2.0/24"])
+    del wire.nodes[b.addr]
+    b2 = make_node(wire, wire.ca, "bravo", "", b.addr, identity=(renewed_cert, renewed_key), seed=5)
+    b2.engine.add_peer(A_IP, [a.addr])
+    b2.engine.send_packet(packet(B_IP, A_IP, 1), wire.now)
+    wire.run()
+    ups = [e for e in a.events if isinstance(e, PeerUp)]
+    assert [e.certificate.name for e in ups] == ["bravo", "bravo-renewed"]
+    assert a.received == [packet(B_IP, A_IP, 1)]
