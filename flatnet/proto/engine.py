@@ -227,6 +227,35 @@ class TunnelEngine:
             peer.route_hint = nets
         self._rebuild_routes()
 
+    def set_trust(self, trust, now: float) -> list[IPv4Address]:
+        """Replace the trust store (a reloaded blocklist or CA set) and cut off, at once, every peer
+        whose certificate it no longer accepts: its sessions are forgotten, PeerDown("revoked").
+        Returns those peers' addresses. Handshakes from then on are checked against `trust`."""
+        self.trust = trust
+        revoked = []
+        for peer in self._peers.values():
+            sessions = peer.sessions()
+            if not sessions:
+                continue
+            still_trusted = True
+            for session in sessions:
+                try:
+                    trust.verify(session.certificate, now)
+                except CertificateError:
+                    still_trusted = False
+            if still_trusted:
+                continue
+            for session in sessions:
+                self._retire(session)
+            peer.current = peer.previous = peer.next = None
+            peer.keepalive_from = peer.awaiting_reply_since = None
+            self._cancel_pending(peer)
+            revoked.append(peer.ip)
+            if peer.up:
+                peer.up = False
+                self._events.append(PeerDown(peer.ip, "revoked"))
+        return revoked
+
     @property
     def peers(self) -> dict[IPv4Address, PeerStatus]:
         return {

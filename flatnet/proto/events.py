@@ -48,7 +48,7 @@ class PeerUp:
 @dataclass(frozen=True)
 class PeerDown:
     peer_ip: IPv4Address
-    reason: str  # "expired" | "handshake-failed"
+    reason: str  # "expired" | "handshake-failed" | "revoked"
 
 
 @dataclass(frozen=True)

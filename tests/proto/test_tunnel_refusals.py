@@ -261,3 +261,19 @@ def test_response_with_wrong_static_key_for_certificate_is_refused():
     response = NetworkMacs(wire.ca[0].fingerprint()).sign(encode_handshake_response_body(1234, sender, noise_response), None)[0]
     assert public_bytes(impostor_key) != b.engine.certificate.public_key
     assert_dropped(a, response, "cert-key-mismatch", b.addr, wire.now)
+
+
+def test_set_trust_cuts_off_a_newly_blocklisted_peer_at_once():
+    wire, a, b = established()
+    alpha_cert = a.engine.certificate
+    revoked = b.engine.set_trust(TrustStore([wire.ca[0]], blocklist=[alpha_cert.fingerprint()]), wire.now)
+    assert revoked == [IPv4Address(A_IP)]
+    assert [type(e).__name__ for e in [b.engine.next_event()]] == ["PeerDown"]
+    assert b.engine.session_for(A_IP, wire.now) is None
+    # alpha's packets now hit an unknown index, and its next handshake is refused.
+    a.engine.send_packet(ipv4_packet(A_IP, B_IP, b"after"), wire.now)
+    wire.run()
+    assert b.engine.drops["unknown-index"] == 1
+    wire.advance(20)
+    assert b.engine.drops["cert-blocklisted"] >= 1
+    assert b.received == [ipv4_packet(A_IP, B_IP, b"first")]
