@@ -118,15 +118,15 @@ def render(config: GatewayConfig, target: Target = "linux", extra_http: str = ""
         "settings_json": settings_json,
         "public_listen": "\n".join(listens),
         "max_body_size": config.max_body_size,
-        "admin_listen": "\n".join(admin_lines),
         "admin_max_body": str(route_rules.ADMIN_MAX_BODY),
-        "admin_allow": "\n".join(allow_lines),
         "extra_http": extra_http,
     }
     proxy_values = {"connect_timeout": _seconds(config.connect_timeout), "read_timeout": _seconds(config.read_timeout)}
     files = {
         "conf/nginx.conf": fill(template("nginx.conf"), values),
         "conf/flatnet_proxy.conf": fill(template("flatnet_proxy.conf"), proxy_values),
+        "conf/flatnet_admin_listen.conf": "# generated: admin API addresses and allowed clients\n"
+        + "\n".join(line.strip() for line in admin_lines + allow_lines) + "\n",
     }
     for name, text in lua_sources().items():
         files[f"lua/flatnet/{name}"] = text

@@ -57,8 +57,9 @@ def test_linux_render():
     assert "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" in conf
     assert "daemon off;" in conf and "master_process on;" in conf and "user www-data;" in conf
     assert "listen 0.0.0.0:80 default_server;" in conf and "listen 0.0.0.0:8001;" in conf
-    assert "listen 127.0.0.1:8081;" in conf and "listen 172.20.0.1:8081;" in conf
-    assert "allow 127.0.0.0/8;" in conf and "deny all;" in conf
+    admin = files["conf/flatnet_admin_listen.conf"]
+    assert "listen 127.0.0.1:8081;" in admin and "listen 172.20.0.1:8081;" in admin
+    assert "allow 127.0.0.0/8;" in admin and "deny all;" in conf and "include flatnet_admin_listen.conf;" in conf
     assert "/srv/gw/routes.json" in conf and "/srv/gw/admin.token" in conf
     assert "lua_shared_dict flatnet_routes" in conf and "balancer_by_lua_block" in conf
     assert "client_max_body_size 1g;" in conf
