@@ -6,9 +6,8 @@ import argparse
 import os
 
 from flatnet.errors import UserError
+from flatnet.lab.state import DEFAULT_PREFIX
 from flatnet.lab.topology import SITES
-
-DEFAULT_PREFIX = "fnlab"
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from flatnet.lab import gateway as lab_gateway
 from flatnet.lab import network, probe, wsl
 from flatnet.lab.demo_app import PAGE_MARKER
 from flatnet.lab.state import (
+    DEFAULT_PREFIX,
     LabState,
     Manifest,
     ProcessRecord,
@@ -47,7 +48,6 @@ from flatnet.lab.topology import (
 )
 from flatnet.netns import NETNS_DIR, Namespace, list_namespaces
 
-DEFAULT_PREFIX = "fnlab"
 APP_START_TIMEOUT = 10.0
 NODE_START_TIMEOUT = 20.0
 ROUTE_WAIT_TIMEOUT = 15.0  # a node pushes its containers' routes once the gateway answers
@@ -116,7 +116,15 @@ class Lab:
 
         services = self._choose_services(manifest, containers)
         if manifest.facts.get("stack"):
-            self._start_nodes(manifest, token_file)
+            try:
+                self._start_nodes(manifest, token_file)
+            except UserError as exc:
+                manifest.notes.append(f"flatnet-node / CNI plugin: not started ({exc}); the Python demo app stands in")
+                for host in topo.wsl_hosts:
+                    self._stop_processes(manifest, f"node:{host}")
+                for key in ("stack", "tunnel"):
+                    manifest.facts.pop(key, None)
+                services = list(DEMO_ONLY_SERVICES)
         published: list[tuple[Service, str]] = []
         for service in services:
             try:
@@ -182,11 +190,15 @@ class Lab:
                 reason = str(exc)
         if reason:
             manifest.notes.append(f"tunnel between WSL2 hosts: off ({reason})")
+        # Start every node first, then wait for them: they come up in parallel.
+        started: list[tuple[wsl.WslStack, ProcessRecord]] = []
         for host in self.topology.wsl_hosts:
             stack = wsl.WslStack(self.state.dir, self.topology, host)
             manifest.facts.setdefault("podman", {})[host] = str(stack.podman_base)
             stack.write_node_config(token_file, pki)
-            record = self._spawn(manifest, f"node:{host}", host, stack.node_argv())
+            started.append((stack, self._spawn(manifest, f"node:{host}", host, stack.node_argv())))
+        for stack, record in started:
+            host = stack.host
             problem = self._wait_for_node(record, stack)
             if problem and pki is not None:
                 manifest.notes.append(f"tunnel on {host}: off (flatnet-node with certificates failed: {problem})")
@@ -199,9 +211,14 @@ class Lab:
                 raise UserError(f"flatnet-node on {host}: {problem}")
             if pki is not None and not any(n.startswith(f"tunnel on {host}") for n in manifest.notes):
                 manifest.facts.setdefault("tunnel", []).append(host)
-            result = subprocess.run(stack.install_argv(), capture_output=True, text=True, timeout=60)
-            if result.returncode != 0:
-                raise UserError(f"flatnet cni install for {host} failed: {result.stderr.strip()[-500:]}")
+        installs = [
+            (stack.host, subprocess.Popen(stack.install_argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for stack, _ in started
+        ]
+        for host, proc in installs:
+            _, err = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise UserError(f"flatnet cni install for {host} failed: {err.strip()[-500:]}")
         self.state.save(manifest)
 
     def _wait_for_node(self, record: ProcessRecord, stack: wsl.WslStack) -> str | None:

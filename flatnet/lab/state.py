@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+DEFAULT_PREFIX = "fnlab"
 STATE_ROOT = Path("/run/flatnet-lab")
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)

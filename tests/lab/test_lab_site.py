@@ -231,3 +231,36 @@ def _pids_in(ns_name: str) -> list[int]:
     from flatnet.lab.state import pids_in_namespace
 
     return pids_in_namespace(f"/run/netns/{ns_name}")
+
+
+def test_up_degrades_honestly_when_parts_fail(lab, capsys, monkeypatch):
+    """Flatnet's gateway exits at once and the container cannot start: the lab still serves /web/
+    (static nginx, demo app) and says what stands in for what, and why."""
+    from flatnet.lab import gateway as lab_gateway
+    from flatnet.lab import site
+    from flatnet.lab.wsl import stack_missing
+
+    if flatnet_gateway_missing() is not None:
+        pytest.skip("Flatnet's gateway is not there to fail")
+    real_launch = lab_gateway.flatnet_launch
+
+    def broken_launch(*args, **kwargs):
+        launch = real_launch(*args, **kwargs)
+        return lab_gateway.GatewayLaunch("flatnet", [sys.executable, "-c", "raise SystemExit('gateway broken')"],
+                                         launch.admin_urls, launch.files)
+
+    def broken_container(self, manifest, service):
+        raise site.UserError("simulated: podman run failed")
+
+    monkeypatch.setattr(lab_gateway, "flatnet_launch", broken_launch)
+    monkeypatch.setattr(site.Lab, "_start_container", broken_container)
+    assert main(["lab", "up", "--prefix", lab]) == 0
+    printed = capsys.readouterr().out
+    assert "Flatnet gateway: not started (the Flatnet gateway did not come up: the gateway exited" in printed
+    assert "plain nginx with static routes stands in" in printed
+    if stack_missing() is None:
+        assert "container web on wsl1: failed (simulated: podman run failed); the demo app stands in" in printed
+    assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "web")
+    pids = recorded_pids(lab)
+    assert main(["lab", "down", "--prefix", lab]) == 0
+    assert_gone(lab, pids)
