@@ -157,15 +157,20 @@ class Dataplane:
             self.drops["firewall_outbound"] += 1
             return
         path = self._path(session)
-        if flow.proto == P.PROTO_TCP and self.settings.adaptive_cap:
-            self._watch_retransmission(path, pkt, flow)
+        # A retransmission travels unbatched, one segment per datagram: were it batched, losing any
+        # datagram of its message would lose it again, and a lost retransmission costs TCP a timeout.
+        resent = flow.proto == P.PROTO_TCP and self._watch_retransmission(path, pkt, flow)
+        if resent:
+            pending = self._pending.get(id(session))
+            if pending is not None and pending[2]:
+                self._flush_one(pending, now)  # keep order with what was queued before
         needs_csum = bool(flags & P.VNET_NEEDS_CSUM)
         rflags = B.FLAG_NEEDS_CSUM if needs_csum else 0
         if gso in (P.GSO_TCPV4, P.GSO_TCPV6) and gso_size:
             if flow.proto != P.PROTO_TCP:
                 self.drops["tun_bad_gso"] += 1
                 return
-            pieces = P.split_tcp_superpacket(pkt, gso_size, path.cap)
+            pieces = P.split_tcp_superpacket(pkt, gso_size, 1 if resent else path.cap)
             if pieces is None:
                 self.drops["tun_bad_gso"] += 1
                 return
@@ -178,7 +183,7 @@ class Dataplane:
             self.drops["tun_unsupported_gso"] += 1
             return
         record = B.record_header(len(pkt), rflags, 0) + pkt
-        if len(record) > self._small_batch_limit:
+        if resent or len(record) > self._small_batch_limit:
             self._seal_and_send(session, path, record, 1, now)
             return
         pending = self._pending.get(id(session))
@@ -221,20 +226,21 @@ class Dataplane:
         path.tx_packets += packets
         path.tx_messages += 1
         path.endpoint = addr
+        path.since_decrease += 1
         if self.settings.adaptive_cap:
-            path.since_decrease += 1
             path.clean_messages += 1
             if path.clean_messages >= self.settings.cap_growth_interval and path.cap < self.settings.max_cap:
                 path.cap += 1
                 path.clean_messages = 0
 
-    def _watch_retransmission(self, path: PeerPath, pkt, flow: P.Flow) -> None:
+    def _watch_retransmission(self, path: PeerPath, pkt, flow: P.Flow) -> bool:
+        """Is this TCP packet a retransmission (data behind what this flow already sent)?"""
         l4 = flow.l4_offset
         if len(pkt) < l4 + P.TCP_MIN_HEADER:
-            return
+            return False
         payload = len(pkt) - l4 - P.tcp_header_len(pkt, l4)
         if payload <= 0:
-            return
+            return False
         seq = _I.unpack_from(pkt, l4 + 4)[0]
         key = (flow.src, flow.dst, flow.sport, flow.dport)
         expected = path.flows.get(key)
@@ -242,16 +248,18 @@ class Dataplane:
         if expected is not None and 0 < ((expected - seq) & 0xFFFFFFFF) < 0x80000000:
             # seq is behind what was already sent: a retransmission, so a message was lost.
             path.retransmissions_seen += 1
-            if path.since_decrease >= DECREASE_COOLDOWN:
+            if self.settings.adaptive_cap and path.since_decrease >= DECREASE_COOLDOWN:
                 # At most one decrease per few messages: one loss makes TCP resend several segments.
                 path.cap = max(1, path.cap // 2)
                 path.clean_messages = 0
                 path.since_decrease = 0
-            if ((end - expected) & 0xFFFFFFFF) >= 0x80000000:
-                return
+            if ((end - expected) & 0xFFFFFFFF) < 0x80000000:
+                path.flows[key] = end  # it also carries new data past the old end
+            return True
         if len(path.flows) > 4096:
             path.flows.clear()
         path.flows[key] = end
+        return False
 
     def _slow_path(self, pkt, flow: P.Flow, flags: int, gso: int, now: float) -> None:
         """No session yet: the engine queues the packet and handshakes; checksums done here."""
