@@ -2,21 +2,26 @@
 
 Layout of ``<data_dir>/<network>/`` (the same idea as the reference ``host-local`` plugin)::
 
-    lock            flock(2)-ed exclusively around every read-modify-write
-    last_reserved   the last address handed out: the next search starts after it, so an
+    lock            flock(2)-ed exclusively around every read-modify-write. Its content is the
+                    last address handed out (a hint): the next search starts after it, so an
                     address just freed is not reused at once (a stale route or ARP entry for the
                     old container would otherwise reach the new one)
-    10.87.1.7       one file per leased address: the lease as JSON (container id, ifname, ...)
-    recent          the last RECENT_MAX released leases' (container, ifname, address): an ADD for
-                    the same container gets its old address back if still free. Podman 4.3's
-                    ``network reload`` is a DEL then an ADD without asking for the old address.
+    10.87.1.7       one file per leased address: the lease as JSON (container id, ifname, ...).
+                    These files are the truth; everything else is a hint.
+    id.<cid>.<if>   symlink -> "10.87.1.7": the address this (container, ifname) has or last had,
+                    so ADD and DEL need not read every lease. It stays after DEL: an ADD for the
+                    same container gets its old address back if still free (Podman 4.3's
+                    ``network reload`` is a DEL then an ADD that does not ask for the old address).
+                    At most INDEX_MAX are kept; stale ones go first.
 
-Why it is crash-safe: a lease file is written in full under a temporary name and then
-``link(2)``-ed to its address name, which fails if the name exists. So a lease is either complete
-or absent, and one address can never be leased twice even if the lock were bypassed. A process
-killed at any point leaves at worst a temporary file (removed by the next locked operation) or a
+ADD writes the index link before the lease, so every lease is reachable from its index and DEL
+never misses one. Why it is crash-safe: a lease file is created with ``O_EXCL`` (which fails if the name exists, so
+one address can never be leased twice even if the lock were bypassed) and filled by one small
+``write(2)``, which a kill cannot split. A process killed at any point leaves at worst an empty
+lease file, which its index link (written just before) still points to, so DEL frees it; or a
 complete lease whose container never started (freed by DEL, which runs when the runtime cleans
-up, or by GC / the node's reconcile). No fsync: a power loss restarts the WSL2 VM and with it every
+up, or by GC / the node's reconcile). Each step is one metadata operation, because on a loaded
+disk each costs about a millisecond and ADD's budget is a few tens of them. No fsync: a power loss restarts the WSL2 VM and with it every
 container; GC frees the leases then.
 
 Standard library only: the plugin's fallback path and the node both use it.
@@ -30,15 +35,15 @@ import fcntl
 import ipaddress
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 LOCK_FILE = "lock"
-LAST_RESERVED_FILE = "last_reserved"
-RECENT_FILE = "recent"
-RECENT_MAX = 256
+INDEX_PREFIX = "id."
+INDEX_MAX = 1024
 TMP_PREFIX = ".tmp-"
 
 
@@ -81,6 +86,11 @@ class AddressPool:
         self.dir = Path(data_dir) / network
         self.subnet = subnet
         self.gateway = gateway or next(subnet.hosts())
+        first, last = int(subnet.network_address) + 1, int(subnet.broadcast_address) - 1
+        # Usable addresses as text (what the lease files are called), gateway excluded.
+        self._usable = [_ntoa(n) for n in range(first, last + 1) if n != int(self.gateway)]
+        self._usable_set = set(self._usable)
+        self._lock_fd = -1
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -97,158 +107,181 @@ class AddressPool:
     def allocate(self, lease: Lease, requested: ipaddress.IPv4Address | None = None) -> ipaddress.IPv4Address:
         """Lease a free address to *lease*'s (container, ifname); the same one again if it has one.
 
-        *requested*: this address or none (``podman run --ip``, and Podman's ``network reload``,
-        which asks for the container's previous address); raises :class:`AddressTaken` if another
-        container holds it, ``ValueError`` if it is not a usable address of the subnet.
+        *requested*: this address or none (``podman run --ip``); raises :class:`AddressTaken` if
+        another container holds it, ``ValueError`` if it is not a usable address of the subnet.
         """
+        if requested is not None and str(requested) not in self._usable_set:
+            raise ValueError(f"{requested} is not a usable address of {self.subnet}")
         with self._locked():
             found = self._find(lease.container_id, lease.ifname)
             if found and requested is not None and found[0] != requested:
-                os.unlink(self.dir / str(found[0]))  # moving to the requested address
+                _unlink(self.dir / str(found[0]))  # moving to the requested address
                 found = None
             if found:
                 address, old = found
                 if old != lease:
-                    self._write(address, lease, replace=True)
+                    self._write_lease(str(address), lease, replace=True)
                 return address
             if requested is not None:
-                if requested not in self.subnet or requested in (self.gateway, self.subnet.network_address,
-                                                                 self.subnet.broadcast_address):
-                    raise ValueError(f"{requested} is not a usable address of {self.subnet}")
-                try:
-                    self._write(requested, lease, replace=False)
-                except FileExistsError:
-                    holder = self._read(requested)
-                    raise AddressTaken(f"{requested} is leased to {holder.container_id[:12] if holder else '?'}") from None
+                self._claim(str(requested), lease)
                 return requested
-            taken = {a for a, _ in self._scan()}
-            previous = self._read_recent().get(f"{lease.container_id}/{lease.ifname}")
-            if previous is not None and previous not in taken and previous in set(self._candidates()):
-                self._write(previous, lease, replace=False)
-                return previous
+            previous = self._index_target(lease.container_id, lease.ifname)
+            if previous in self._usable_set and not os.path.lexists(self.dir / previous):
+                self._claim(previous, lease)
+                return ipaddress.IPv4Address(previous)
+            taken = set(os.listdir(self.dir))
             for address in self._candidates():
                 if address in taken:
                     continue
-                try:
-                    self._write(address, lease, replace=False)
-                except FileExistsError:  # cannot happen under the lock; never lease twice anyway
-                    continue
+                self._claim(address, lease)
                 self._write_last_reserved(address)
-                return address
-            raise AddressesExhausted(f"no free address in {self.subnet} ({len(taken)} leased)")
+                if len(taken) > INDEX_MAX + len(self._usable):
+                    self._prune_index(taken)
+                return ipaddress.IPv4Address(address)
+            leased = len(self._usable_set & taken)
+            raise AddressesExhausted(f"no free address in {self.subnet} ({leased} leased)")
 
     def release(self, container_id: str, ifname: str) -> list[tuple[ipaddress.IPv4Address, Lease]]:
         """Free what (container, ifname) holds; returns what was freed (nothing the second time)."""
         with self._locked():
-            freed = [(a, lease) for a, lease in self._scan() if (lease.container_id, lease.ifname) == (container_id, ifname)]
-            for address, _ in freed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.dir / str(address))
-            if freed:
-                recent = self._read_recent()
-                recent.pop(f"{container_id}/{ifname}", None)
-                recent[f"{container_id}/{ifname}"] = freed[0][0]
-                self._write_recent(dict(list(recent.items())[-RECENT_MAX:]))
-            return freed
+            found = self._find(container_id, ifname)
+            if found is None:
+                return []
+            _unlink(self.dir / str(found[0]))  # the index link stays: the address may come back
+            return [found]
 
     def release_address(self, address: ipaddress.IPv4Address, container_id: str) -> bool:
         """Free *address* if *container_id* still holds it (GC, reconcile)."""
         with self._locked():
-            lease = self._read(address)
+            lease = self._read(str(address))
             if lease is None or lease.container_id != container_id:
                 return False
-            os.unlink(self.dir / str(address))
+            _unlink(self.dir / str(address))
             return True
 
     # -- internals ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
             self._remove_temporaries()
             yield
         finally:
+            self._lock_fd = -1
             os.close(fd)  # closing drops the flock
 
     def _remove_temporaries(self) -> None:
         # Under the lock no one else is writing, so any temporary file is a crashed writer's.
-        for entry in os.scandir(self.dir):
-            if entry.name.startswith(TMP_PREFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        for name in os.listdir(self.dir):
+            if name.startswith(TMP_PREFIX):
+                _unlink(self.dir / name)
 
-    def _candidates(self) -> Iterator[ipaddress.IPv4Address]:
-        """Usable addresses (not network, gateway or broadcast), starting after the last reserved."""
-        hosts = [a for a in self.subnet.hosts() if a != self.gateway]
+    def _candidates(self) -> Iterator[str]:
+        """Usable addresses, starting after the last reserved one."""
         last = self._read_last_reserved()
-        start = hosts.index(last) + 1 if last in hosts else 0
-        yield from hosts[start:]
-        yield from hosts[:start]
+        start = self._usable.index(last) + 1 if last in self._usable_set else 0
+        yield from self._usable[start:]
+        yield from self._usable[:start]
+
+    def _index_path(self, container_id: str, ifname: str) -> Path:
+        if "/" in container_id or "/" in ifname or container_id in ("", ".", ".."):
+            raise ValueError(f"bad container id or ifname: {container_id!r} {ifname!r}")
+        return self.dir / f"{INDEX_PREFIX}{container_id}.{ifname}"
+
+    def _index_target(self, container_id: str, ifname: str) -> str | None:
+        try:
+            return os.readlink(self._index_path(container_id, ifname))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _claim(self, address: str, lease: Lease) -> None:
+        """Index link first, then the lease: a crash in between leaves only a harmless link."""
+        index = self._index_path(lease.container_id, lease.ifname)
+        if self._index_target(lease.container_id, lease.ifname) != address:
+            _unlink(index)  # under the lock; a crash right here leaves no lease to lose
+            os.symlink(address, index)
+        try:
+            self._write_lease(address, lease, replace=False)
+        except FileExistsError:
+            holder = self._read(address)
+            raise AddressTaken(f"{address} is leased to {holder.container_id[:12] if holder else '?'}") from None
+
+    def _prune_index(self, names: set[str]) -> None:
+        """Drop index links whose address is free or someone else's (bounded directory size)."""
+        for name in names:
+            if not name.startswith(INDEX_PREFIX):
+                continue
+            target = os.readlink(self.dir / name) if os.path.islink(self.dir / name) else None
+            if target is None or target not in names:
+                _unlink(self.dir / name)
 
     def _scan(self) -> Iterator[tuple[ipaddress.IPv4Address, Lease]]:
-        for entry in os.scandir(self.dir):
-            try:
-                address = ipaddress.IPv4Address(entry.name)
-            except ValueError:
-                continue
-            lease = self._read(address)
-            if lease is not None:
-                yield address, lease
+        for name in os.listdir(self.dir):
+            if name in self._usable_set:
+                lease = self._read(name)
+                if lease is not None:
+                    yield ipaddress.IPv4Address(name), lease
 
     def _find(self, container_id: str, ifname: str) -> tuple[ipaddress.IPv4Address, Lease] | None:
-        for address, lease in self._scan():
-            if lease.container_id == container_id and lease.ifname == ifname:
-                return address, lease
-        return None
+        address = self._index_target(container_id, ifname)
+        if address is None or address not in self._usable_set:
+            return None
+        lease = self._read(address)
+        if lease is None:
+            return None
+        if lease.container_id == "?":
+            # Empty or torn: a writer killed between create and write. Our index link was written
+            # just before it under the lock, so it is ours to free (see the module doc).
+            lease = Lease(container_id, ifname)
+        if (lease.container_id, lease.ifname) != (container_id, ifname):
+            return None
+        return ipaddress.IPv4Address(address), lease
 
-    def _read(self, address: ipaddress.IPv4Address) -> Lease | None:
+    def _read(self, address: str) -> Lease | None:
         try:
-            data = json.loads((self.dir / str(address)).read_text())
-            return Lease.from_json(data)
+            with open(self.dir / address) as f:
+                return Lease.from_json(json.load(f))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError):
             # A lease file we cannot read still holds its address: never hand it out twice.
             return Lease(container_id="?", ifname="?")
 
-    def _write(self, address: ipaddress.IPv4Address, lease: Lease, replace: bool) -> None:
-        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-{address}"
-        tmp.write_text(json.dumps(lease.to_json()))
+    def _write_lease(self, address: str, lease: Lease, replace: bool) -> None:
+        data = json.dumps(lease.to_json()).encode()
+        if replace:  # an update of our own lease: write aside, rename over (atomic)
+            tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{address}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.dir / address)
+            return
+        # O_EXCL: fails if the name exists, so never two holders.
+        fd = os.open(self.dir / address, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            if replace:
-                os.replace(tmp, self.dir / str(address))
-            else:
-                try:
-                    os.link(tmp, self.dir / str(address))
-                except OSError as exc:
-                    if exc.errno == errno.EEXIST:
-                        raise FileExistsError(str(address)) from None
-                    raise
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, f"short write of lease {address}")
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            os.close(fd)
 
-    def _read_recent(self) -> dict[str, ipaddress.IPv4Address]:
-        try:
-            return {k: ipaddress.IPv4Address(v) for k, v in json.loads((self.dir / RECENT_FILE).read_text()).items()}
-        except (FileNotFoundError, ValueError, TypeError, AttributeError):
-            return {}
+    def _read_last_reserved(self) -> str | None:
+        return os.pread(self._lock_fd, 64, 0).decode("ascii", "replace").strip() or None
 
-    def _write_recent(self, recent: dict[str, ipaddress.IPv4Address]) -> None:
-        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-recent"
-        tmp.write_text(json.dumps({k: str(v) for k, v in recent.items()}))
-        os.replace(tmp, self.dir / RECENT_FILE)
+    def _write_last_reserved(self, address: str) -> None:
+        data = address.ljust(15).encode()  # fixed width: no truncate needed, a torn write is only a bad hint
+        os.pwrite(self._lock_fd, data, 0)
 
-    def _read_last_reserved(self) -> ipaddress.IPv4Address | None:
-        try:
-            return ipaddress.IPv4Address((self.dir / LAST_RESERVED_FILE).read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
 
-    def _write_last_reserved(self, address: ipaddress.IPv4Address) -> None:
-        tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-last"
-        tmp.write_text(str(address))
-        os.replace(tmp, self.dir / LAST_RESERVED_FILE)
+def _ntoa(n: int) -> str:
+    return f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

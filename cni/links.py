@@ -14,8 +14,9 @@ The container reaches its gateway by ARP on its own veth; the host reaches the c
 The host-side name is derived from (container id, ifname) so DEL finds it without any state, even
 after a crash half-way through ADD. Deleting the host side removes the pair and the /32 route.
 
-Importing pyroute2 costs ~0.3 s, which is why the plugin executable imports this module only on its
-fallback path; the node imports it once and keeps it.
+ADD and DEL speak rtnetlink directly (:mod:`cni.rtnl`, a few batched requests); CHECK and the
+listings use pyroute2, imported only when they run: importing it costs ~0.3 s, which the plugin's
+fallback path (node down) must not pay on every container start.
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ import signal
 import socket
 from collections.abc import Iterator, Sequence
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from cni import rtnl
 from cni.spec import ERR_CHECK_FAILED, ERR_CONTAINER_UNKNOWN, CniError
 
 # Fault injection for the crash tests: the plugin SIGKILLs itself at the named point
 # ("after-lease", "after-veth"), as a crash or an impatient runtime would. Unset in production.
 CRASH_POINT_ENV = "FLATNET_CNI_CRASH_POINT"
 CLONE_NEWNET = 0x40000000
-SCOPE_LINK = 253
 HOST_IFNAME_PREFIX = "fn"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,7 +58,7 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def netlink_socket_in(netns_path: str) -> socket.socket:
+def netlink_socket_in(netns_path: str, kind: int = socket.SOCK_DGRAM) -> socket.socket:
     """A rtnetlink socket bound to the namespace at *netns_path*.
 
     A socket belongs to the namespace its creator was in, so this thread enters the namespace,
@@ -78,7 +76,7 @@ def netlink_socket_in(netns_path: str) -> socket.socket:
         except OSError as exc:
             raise CniError(ERR_CONTAINER_UNKNOWN, "cannot enter the container network namespace", f"{netns_path}: {exc}") from None
         try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+            return socket.socket(socket.AF_NETLINK, kind | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         finally:
             _setns(own)
     finally:
@@ -87,7 +85,9 @@ def netlink_socket_in(netns_path: str) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _ipr_in(netns_path: str) -> Iterator[IPRoute]:
+def _ipr_in(netns_path: str) -> Iterator:
+    from pyroute2 import IPRoute
+
     ipr = IPRoute(use_socket=netlink_socket_in(netns_path))
     try:
         yield ipr
@@ -95,13 +95,9 @@ def _ipr_in(netns_path: str) -> Iterator[IPRoute]:
         ipr.close()
 
 
-def _index(ipr: IPRoute, ifname: str) -> int | None:
+def _index(ipr, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return found[0] if found else None
-
-
-def _mac(ipr: IPRoute, index: int) -> str:
-    return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
 
 
 def setup(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv4Address,
@@ -110,71 +106,62 @@ def setup(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv
     """Build the pair and its addresses and routes; returns (container MAC, host MAC).
 
     Starts from a clean slate: a host side left by an earlier ADD (a re-run, or a crash half-way)
-    is deleted first, so the result is always exactly what this function builds.
+    is deleted first, so the result is always exactly what this function builds. Six round trips.
     """
-    target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC) if os.path.exists(netns_path) else None
-    if target is None:
-        raise CniError(ERR_CONTAINER_UNKNOWN, "container network namespace does not exist", netns_path)
     try:
-        with IPRoute() as host:
-            old = _index(host, host_ifname)
-            if old is not None:
-                host.link("del", index=old)
-            link: dict = {"ifname": host_ifname, "kind": "veth", "peer": {"ifname": ifname, "net_ns_fd": target}}
-            if mtu:
-                link["mtu"] = mtu
-                link["peer"]["mtu"] = mtu
-            if mac:
-                link["peer"]["address"] = mac
+        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CniError(ERR_CONTAINER_UNKNOWN, "container network namespace does not exist", netns_path) from None
+    try:
+        with rtnl.Rtnl() as host:
+            host.delete_link(host_ifname)
             try:
-                host.link("add", **link)
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
+                host.add_veth(host_ifname, ifname, target, mtu, mac)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
                     raise CniError(ERR_CHECK_FAILED, "interface already exists in the container", ifname) from None
                 raise
             crash_point("after-veth")
-            host_index = _index(host, host_ifname)
-            host.addr("add", index=host_index, address=str(gateway), prefixlen=32)
-            host.link("set", index=host_index, state="up")
-            host.route("replace", dst=f"{address}/32", oif=host_index, scope=SCOPE_LINK)
-            host_mac = _mac(host, host_index)
+            host_index, host_mac = host.link_info(host_ifname)
+            host.transact([
+                rtnl.add_address(host_index, str(gateway), 32),
+                rtnl.replace_route(str(address), 32, host_index, scope=rtnl.RT_SCOPE_LINK),
+            ])
     finally:
         os.close(target)
-    with _ipr_in(netns_path) as ctr:
-        index = _index(ctr, ifname)
-        ctr.addr("add", index=index, address=str(address), prefixlen=32)
-        ctr.link("set", index=index, state="up")
-        lo = _index(ctr, "lo")
-        if lo is not None:
-            ctr.link("set", index=lo, state="up")
-        ctr.route("replace", dst=f"{gateway}/32", oif=index, scope=SCOPE_LINK)
-        for dst in routes:
-            ctr.route("replace", dst=str(dst), gateway=str(gateway), oif=index)
-        container_mac = _mac(ctr, index)
+    with rtnl.Rtnl(netlink_socket_in(netns_path, socket.SOCK_RAW)) as ctr:
+        index, container_mac = ctr.link_info(ifname)
+        ctr.transact([
+            rtnl.add_address(index, str(address), 32),
+            rtnl.set_up(index),
+            rtnl.set_up(rtnl.LOOPBACK_INDEX),
+            rtnl.replace_route(str(gateway), 32, index, scope=rtnl.RT_SCOPE_LINK),
+            *(rtnl.replace_route(str(dst.network_address), dst.prefixlen, index, str(gateway)) for dst in routes),
+        ])
     return container_mac, host_mac
 
 
 def teardown(host_ifname: str) -> bool:
     """Delete the pair by its host side (the peer and the host route go with it). Idempotent."""
-    with IPRoute() as host:
-        index = _index(host, host_ifname)
-        if index is None:
-            return False
-        try:
-            host.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code != errno.ENODEV:
-                raise
-        return True
+    with rtnl.Rtnl() as host:
+        return host.delete_link(host_ifname)
 
 
 def host_side_exists(host_ifname: str) -> bool:
-    with IPRoute() as host:
-        return _index(host, host_ifname) is not None
+    with rtnl.Rtnl() as host:
+        try:
+            host.link_info(host_ifname)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return False
+            raise
+        return True
 
 
 def host_side_names() -> set[str]:
     """Host-side names of every Flatnet veth in this namespace (for GC and reconcile)."""
+    from pyroute2 import IPRoute
+
     with IPRoute() as host:
         names = {link.get_attr("IFLA_IFNAME") for link in host.get_links()}
     return {n for n in names if n and n.startswith(HOST_IFNAME_PREFIX)}
@@ -183,6 +170,8 @@ def host_side_names() -> set[str]:
 def check(netns_path: str, ifname: str, host_ifname: str, address: ipaddress.IPv4Address,
           gateway: ipaddress.IPv4Address, routes: Sequence[ipaddress.IPv4Network]) -> None:
     """Raise :class:`CniError` unless the container still has what :func:`setup` gave it."""
+    from pyroute2 import IPRoute
+
     with IPRoute() as host:
         host_index = _index(host, host_ifname)
         if host_index is None:

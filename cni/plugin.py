@@ -2,15 +2,15 @@
 
 Podman runs this for every container start and stop (and VERSION on every config reload), so
 start-up time is the plugin's cost. The installed shim starts Python with ``-I -S`` and imports only
-this module and :mod:`cni.spec`, which import nothing else at module level; VERSION then
-answers without even the json module, and ADD adds only json and _socket. The netlink work is done by the running
-``flatnet-node``, which has pyroute2 loaded already: the plugin sends it the request over the
-control socket (wire format in :mod:`flatnet.node.control`) and prints what comes back. The node
+this module and :mod:`cni.spec`, which import nothing else at module level: VERSION answers without
+even the json module, and ADD adds only ``_json`` (see :mod:`cni.jsonwire`) and ``_socket``. The
+netlink and IPAM work is done by the running ``flatnet-node``: the plugin sends it the request over
+the control socket (wire format in :mod:`flatnet.node.control`) and prints what comes back. The node
 also registers the container with the gateway.
 
 If the node cannot be reached (socket missing or refusing), the plugin does the work itself with
-:mod:`cni.core` (importing pyroute2 costs ~0.3 s). ADD still succeeds; the node finds the lease in
-the IPAM store and registers the container when it starts.
+:mod:`cni.core` (another ~50 ms of imports). ADD still succeeds; the node finds the lease in the IPAM
+store and registers the container when it starts.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class NodeUnavailable(Exception):
 def ask_node(socket_path: str, request: CniRequest, timeout: float = NODE_TIMEOUT) -> dict[str, Any] | None:
     """Send *request* to the node; its stdout JSON (or None), or raise CniError / NodeUnavailable."""
     import _socket  # not `socket`: that one imports enum and costs ~5 ms of start-up
-    import json
+
+    from cni import jsonwire
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
@@ -57,7 +58,7 @@ def ask_node(socket_path: str, request: CniRequest, timeout: float = NODE_TIMEOU
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             raise NodeUnavailable(str(exc)) from None
         message = {"cmd": "cni", "request": request.to_json()}
-        sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        sock.sendall(jsonwire.dumps(message).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -73,7 +74,7 @@ def ask_node(socket_path: str, request: CniRequest, timeout: float = NODE_TIMEOU
     if not data:
         raise CniError(ERR_TRY_AGAIN_LATER, "flatnet-node closed the connection", socket_path)
     try:
-        answer = json.loads(data)
+        answer = jsonwire.loads(data)
     except ValueError as exc:
         raise CniError(ERR_INTERNAL, "flatnet-node sent a malformed answer", str(exc)) from None
     if not answer.get("ok"):
@@ -97,7 +98,7 @@ def run_locally(request: CniRequest, fallback_paths: Sequence[str] = ()) -> dict
 
 def run(environ: Mapping[str, str], stdin: bytes, fallback_paths: Sequence[str] = ()) -> tuple[dict[str, Any] | None, int]:
     """One invocation: (JSON for stdout or None, exit status)."""
-    import json
+    from cni import jsonwire
 
     version = "1.0.0"
     try:
@@ -105,7 +106,7 @@ def run(environ: Mapping[str, str], stdin: bytes, fallback_paths: Sequence[str] 
         if request.cni_version in SUPPORTED_VERSIONS:
             version = request.cni_version
         if request.command == "VERSION":
-            return json.loads(version_answer(request.config.get("cniVersion"))), 0
+            return jsonwire.loads(version_answer(request.config.get("cniVersion"))), 0
         node_socket = str(request.config.get("nodeSocket") or DEFAULT_NODE_SOCKET)
         try:
             return ask_node(node_socket, request), 0
@@ -121,11 +122,11 @@ def main(fallback_paths: Sequence[str] = ()) -> int:
     if os.environ.get("CNI_COMMAND") == "VERSION":  # the hot path: no json, no parsing
         sys.stdout.write(version_answer(requested_version(sys.stdin.buffer.read())) + "\n")
         return 0
-    import json
+    from cni import jsonwire
 
     output, status = run(os.environ, sys.stdin.buffer.read(), fallback_paths)
     if output is not None:
-        sys.stdout.write(json.dumps(output) + "\n")
+        sys.stdout.write(jsonwire.dumps(output) + "\n")
         sys.stdout.flush()
     return status
 

@@ -152,14 +152,14 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
     """Validate the environment and the configuration; raise :class:`CniError` with the spec's code."""
-    import json
+    from cni import jsonwire
 
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CniError(ERR_INVALID_ENV, "invalid CNI_COMMAND", f"expected one of {', '.join(COMMANDS)}, got {command!r}")
     try:
-        config = json.loads(stdin.decode("utf-8")) if stdin.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = jsonwire.loads(stdin) if stdin.strip() else None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CniError(ERR_DECODE, "failed to decode network configuration", str(exc)) from None
     if command == "VERSION":
         # VERSION's stdin carries only {"cniVersion": ...}; it may be empty for old runtimes.

@@ -76,9 +76,10 @@ class CniHost:
 
     # -- the node ---------------------------------------------------------------------------------
 
-    def start_node(self, gateway_url: str | None = None, token_file: Path | None = None) -> None:
+    def start_node(self, gateway_url: str | None = None, token_file: Path | None = None,
+                   read_labels: bool = True) -> None:
         lines = ['name = "wsl-test"', f'control_socket = "{self.socket}"', "[cni]", f'subnet = "{SUBNET}"',
-                 f'data_dir = "{self.base / "data"}"']
+                 f'data_dir = "{self.base / "data"}"', f"read_labels = {str(read_labels).lower()}"]
         if gateway_url:
             lines += ["[gateway]", f'admin_url = "{gateway_url}"', f'token_file = "{token_file}"',
                       "retry_interval = 0.1"]

@@ -78,6 +78,15 @@ def test_crash_debris_is_removed_and_an_unreadable_lease_still_holds_its_address
     assert not list(p.dir.glob(".tmp-*"))
 
 
+def test_an_empty_lease_left_by_a_killed_writer_is_freed_by_its_containers_release(tmp_path):
+    p = pool(tmp_path)
+    a = p.allocate(Lease("c1", "eth0"))
+    (p.dir / str(a)).write_text("")  # killed between create and write
+    assert str(a) in {str(x) for x in p.leases()}  # still holds the address
+    assert [str(x) for x, _ in p.release("c1", "eth0")] == [str(a)]
+    assert p.leases() == {}
+
+
 def test_release_address_checks_the_holder(tmp_path):
     p = pool(tmp_path)
     a = p.allocate(Lease("c1", "eth0"))

@@ -84,3 +84,20 @@ def test_results_before_1_0_carry_the_ip_version():
     new = spec.add_result("1.0.0", [], ips, [])
     assert old["ips"][0]["version"] == "4" and "version" not in new["ips"][0]
     assert old["cniVersion"] == "0.4.0" and new["cniVersion"] == "1.0.0"
+
+
+@pytest.mark.parametrize("doc", [{}, [], {"a": [1, 2.5, True, False, None, "x\u00e9\n"]}, "s", 0, {"nested": {"k": [{}]}}])
+def test_jsonwire_round_trips_like_json(doc):
+    from cni import jsonwire
+
+    assert jsonwire.loads(jsonwire.dumps(doc)) == doc
+    assert json.loads(jsonwire.dumps(doc)) == doc
+    assert jsonwire.loads(f"  {json.dumps(doc)}\n") == doc
+
+
+@pytest.mark.parametrize("text", ["{oops", "[1,]", "{} trailing", "", b"\xff"])
+def test_jsonwire_rejects_what_json_rejects(text):
+    from cni import jsonwire
+
+    with pytest.raises(ValueError):
+        jsonwire.loads(text)
