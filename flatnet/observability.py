@@ -1,0 +1,241 @@
+"""One vocabulary for what Flatnet's processes report: Prometheus metrics and structured log events.
+
+Metrics
+-------
+Every process (node, lighthouse, relay, gateway sync) makes one :class:`Metrics` — a private
+``prometheus_client.CollectorRegistry``, never the library's global one, so two components in one
+test process do not collide and a test can read exactly what one component counted. Names all start
+``flatnet_``; the full list is :data:`METRIC_DEFINITIONS` (also rendered into docs/operations.md).
+
+Counters that already live inside the sans-I/O cores (``TunnelEngine.drops``/``stats``,
+``LighthouseCore.counters``, plain ``collections.Counter``) are not duplicated on the data path:
+the I/O layer calls :meth:`Metrics.absorb_counter` from its periodic tick (or at scrape time), which
+turns each ``Counter`` key into a label value and moves the Prometheus counter forward by the
+difference. The hot path stays a dict increment.
+
+:func:`start_exporter` serves ``/metrics`` over HTTP on **127.0.0.1** by default: metrics name
+peers and routes, so exposing them beyond the host is an operator's explicit choice.
+
+Structured logs
+---------------
+:func:`setup_logging` configures the root logger once per process: human text (default) or JSON
+lines (``json=True``: one object per line, ``ts``, ``level``, ``logger``, ``msg`` and any
+``event``/fields). Log a well-known event with :func:`log_event`::
+
+    log_event(log, PEER_UP, peer="10.87.2.1", endpoint="192.0.2.7:4242")
+
+The event names are the constants below (:data:`EVENTS`); ``log_event`` refuses any other, so the
+vocabulary stays in one place and operators can grep or alert on ``event=peer.down``.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+
+# ==== log events ==================================================================================
+
+PEER_UP = "peer.up"  # a tunnel session to a peer became usable
+PEER_DOWN = "peer.down"  # the last session to a peer expired, or its certificate was revoked
+PEER_ROAMED = "peer.roamed"  # a peer's underlay endpoint changed
+HANDSHAKE_FAILED = "handshake.failed"  # gave up after REKEY_ATTEMPT_TIME of retries
+REKEY = "session.rekeyed"  # a new session replaced the current one
+ROUTE_PUSHED = "route.pushed"  # a container route reached the gateway
+ROUTE_REMOVED = "route.removed"
+ROUTE_PUSH_FAILED = "route.push_failed"
+CNI_ADD = "cni.add"
+CNI_DEL = "cni.del"
+CNI_CHECK = "cni.check"
+CNI_FAILED = "cni.failed"
+PACKET_DROPPED = "packet.dropped"  # rate-limited in logs: drops are counted, only bursts logged
+LIGHTHOUSE_REGISTERED = "lighthouse.registered"
+LIGHTHOUSE_UNREACHABLE = "lighthouse.unreachable"
+RELAY_BOUND = "relay.bound"
+RELAY_CLOSED = "relay.closed"
+CONFIG_RELOADED = "config.reloaded"
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+CERT_REJECTED = "cert.rejected"
+SERVICE_STARTED = "service.started"
+SERVICE_STOPPING = "service.stopping"
+
+EVENTS: frozenset[str] = frozenset(
+    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "." in v
+)
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record: ts (RFC 3339, UTC), level, logger, msg, then the event fields."""
+
+    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return _json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """``time logger level msg key=value ...``: the event fields appended, readable in journalctl."""
+
+    _STANDARD = JsonLineFormatter._STANDARD
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = [f"{k}={v}" for k, v in record.__dict__.items() if k not in self._STANDARD and not k.startswith("_")]
+        return text + (" " + " ".join(extra) if extra else "")
+
+
+_HANDLER_MARK = "_flatnet_handler"
+
+
+def setup_logging(json: bool = False, level: str | int = "INFO", stream=None) -> logging.Handler:
+    """Configure the root logger for this process (idempotent: replaces a previous call's handler)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _HANDLER_MARK, False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonLineFormatter() if json else TextFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, msg: str | None = None, **fields) -> None:
+    """Log one vocabulary event with its fields (``event=`` plus the keyword arguments)."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown log event {event!r}: add it to flatnet.observability")
+    clash = set(fields) & JsonLineFormatter._STANDARD
+    if clash:
+        raise ValueError(f"field names {sorted(clash)} clash with logging's own attributes")
+    if logger.isEnabledFor(level):
+        text = msg or event + "".join(f" {k}={v}" for k, v in fields.items())
+        logger.log(level, text, extra={"event": event, **fields})
+
+
+# ==== metrics =====================================================================================
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    name: str  # without the flatnet_ prefix
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+METRIC_DEFINITIONS: tuple[MetricDefinition, ...] = (
+    # node: tunnel
+    MetricDefinition("peers", "gauge", "Peers the node knows, by state (up, down, pending)", ("state",)),
+    MetricDefinition("peer_rung", "gauge", "How a peer is reached: 0 direct, 1 punched, 2 relayed UDP, 3 relayed TCP", ("peer",)),
+    MetricDefinition("handshakes_total", "counter", "Handshakes by outcome (initiated, completed, answered, failed)", ("outcome",)),
+    MetricDefinition("rekeys_total", "counter", "Sessions replaced by a newer one"),
+    MetricDefinition("tunnel_bytes_total", "counter", "Inner bytes through the tunnel", ("direction",)),
+    MetricDefinition("tunnel_packets_total", "counter", "Inner packets through the tunnel", ("direction",)),
+    MetricDefinition("drops_total", "counter", "Datagrams or packets dropped, by component and reason", ("component", "reason")),
+    MetricDefinition("queued_packets", "gauge", "Packets waiting for a handshake, all peers"),
+    MetricDefinition("sessions", "gauge", "Live transport sessions"),
+    # node: routes, CNI, gateway sync
+    MetricDefinition("routes", "gauge", "Container routes this node serves"),
+    MetricDefinition("route_pushes_total", "counter", "Gateway route pushes by outcome (ok, failed)", ("outcome",)),
+    MetricDefinition("cni_calls_total", "counter", "CNI commands by command and outcome", ("command", "outcome")),
+    MetricDefinition("cni_call_seconds", "histogram", "CNI command latency in the node", ("command",), _LATENCY_BUCKETS),
+    # lighthouse and relay
+    MetricDefinition("lighthouse_nodes", "gauge", "Nodes registered with this lighthouse"),
+    MetricDefinition("lighthouse_messages_total", "counter", "Control messages by type", ("type",)),
+    MetricDefinition("relay_sessions", "gauge", "Relay sessions bound, by transport", ("transport",)),
+    MetricDefinition("relay_bytes_total", "counter", "Bytes relayed, by transport", ("transport",)),
+    # every process
+    MetricDefinition("config_reloads_total", "counter", "Configuration reloads by outcome (ok, failed)", ("outcome",)),
+    MetricDefinition("up_since_seconds", "gauge", "Unix time the process started"),
+)
+
+_METRIC_CLASSES = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+class Metrics:
+    """All of one process's metrics in its own registry: ``metrics["drops_total"].labels(...)``."""
+
+    def __init__(self, names: tuple[str, ...] | None = None) -> None:
+        """``names``: only these definitions (default: all of them)."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, Any] = {}
+        self._absorbed: dict[tuple[str, tuple], float] = {}
+        for definition in METRIC_DEFINITIONS:
+            if names is not None and definition.name not in names:
+                continue
+            kwargs: dict[str, Any] = {"registry": self.registry, "labelnames": definition.labels}
+            if definition.buckets is not None:
+                kwargs["buckets"] = definition.buckets
+            cls = _METRIC_CLASSES[definition.kind]
+            self._metrics[definition.name] = cls("flatnet_" + definition.name, definition.help, **kwargs)
+        if "up_since_seconds" in self._metrics:
+            self._metrics["up_since_seconds"].set(time.time())
+
+    def __getitem__(self, name: str):
+        return self._metrics[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._metrics
+
+    def absorb_counter(self, name: str, counts: Mapping[str, int], label: str, **fixed: str) -> None:
+        """Bring counter *name* up to date with a core's ``Counter``: each key becomes *label*'s value.
+
+        Idempotent: calling it again with the same counts adds nothing (the difference is added).
+        A count that went backwards (a core replaced) is taken as a fresh start."""
+        metric = self._metrics[name]
+        for key, value in counts.items():
+            labels = {**fixed, label: str(key)}
+            ident = (name, tuple(sorted(labels.items())))
+            previous = self._absorbed.get(ident, 0)
+            delta = value - previous if value >= previous else value
+            self._absorbed[ident] = value
+            if delta > 0:
+                metric.labels(**labels).inc(delta)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """The current value of one sample (for tests and `flatnet status`), None if never set."""
+        return self.registry.get_sample_value("flatnet_" + name, labels or None)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def start_exporter(metrics: Metrics, port: int, host: str = "127.0.0.1"):
+    """Serve ``/metrics`` on host:port (port 0: any free port) in a daemon thread.
+
+    Returns ``(server, thread)``; ``server.server_address[1]`` is the port; stop it with
+    ``server.shutdown(); server.server_close()``. Loopback by default: see the module docstring."""
+    return start_http_server(port, addr=host, registry=metrics.registry)
+
+
+def metrics_table_markdown() -> str:
+    """The metric list as a Markdown table (docs/operations.md is checked against it)."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for d in METRIC_DEFINITIONS:
+        rows.append(f"| `flatnet_{d.name}` | {d.kind} | {', '.join(d.labels) or '-'} | {d.help} |")
+    return "\n".join(rows)
