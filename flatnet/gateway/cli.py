@@ -95,7 +95,7 @@ def cmd_run(args) -> int:
     config: GatewayConfig = load_gateway_config(args.config)
     gateway = GatewayProcess(config)
     try:
-        gateway.start(stderr=sys.stderr)
+        gateway.start(stderr=sys.stderr, die_with_parent=True)
     except ValueError as exc:
         raise ConfigError(args.config, "", str(exc)) from None
     paths = gateway.paths

@@ -7,6 +7,7 @@ it); *wrap* puts it elsewhere, e.g. ``Namespace.command`` to run it inside a net
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import secrets
@@ -49,6 +50,12 @@ def read_token_file(path: str | Path) -> str:
     if not token:
         raise UserError(f"{path}: the admin token file is empty")
     return token
+
+
+def _die_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGTERM): survives exec (nsenter, nginx), so a killed
+    # `flatnet gateway run` does not leave an orphaned nginx holding the ports.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 class GatewayProcess:
@@ -96,13 +103,15 @@ class GatewayProcess:
 
     # -- process ------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0, stderr=None) -> None:
+    def start(self, timeout: float = 10.0, stderr=None, die_with_parent: bool = False) -> None:
+        """Start nginx; *die_with_parent*: the kernel sends it SIGTERM if we die (``run``)."""
         self.prepare()
         self.check()
         pid_file = Path(self.paths.pid_file)
         pid_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=stderr if stderr is not None else subprocess.DEVNULL)
+                                     stderr=stderr if stderr is not None else subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent if die_with_parent else None)
         # The pid file appears after the listening sockets are bound: from then on connections queue.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -151,29 +151,50 @@ def gateway_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass
+class Hosts:
+    lan: Namespace
+    win: Namespace
+    wsl: Namespace
+
+
 @pytest.fixture
-def site(netns_factory, gateway_dir):
+def hosts(netns_factory):
+    """The three namespaces with the web apps running in "wsl" (no gateway yet)."""
     lan, win, wsl = build_site_namespaces(netns_factory)
     apps = []
-    for name, address, base in (("app-a", APP_A, ""), ("app-b", APP_B, ""), ("app-based", APP_BASED, "/based")):
-        apps.append(wsl.popen([sys.executable, "-m", "flatnet.testing.webapp", "--listen", f"{address}:{APP_PORT}",
-                               "--name", name, "--base-path", base], stdout=subprocess.DEVNULL, stderr=None))
-    config = gateway_config(gateway_dir)
-    site = Site(lan, win, wsl, GatewayProcess(config, wrap=win.command), config, "", gateway_dir)
     try:
-        with open(gateway_dir / "nginx.stderr", "wb") as errlog:
-            site.gateway.start(stderr=errlog)
+        for name, address, base in (("app-a", APP_A, ""), ("app-b", APP_B, ""), ("app-based", APP_BASED, "/based")):
+            apps.append(wsl.popen([sys.executable, "-m", "flatnet.testing.webapp", "--listen",
+                                   f"{address}:{APP_PORT}", "--name", name, "--base-path", base],
+                                  stdout=subprocess.DEVNULL, stderr=None))
         for address in (APP_A, APP_B, APP_BASED):
             wait_listening(wsl.name, address, APP_PORT)
-        site.token = Path(config.paths().token_file).read_text().strip()
-        yield site
+        yield Hosts(lan, win, wsl)
     finally:
-        site.gateway.stop()  # the test may have replaced it (restart)
         for app in apps:
             app.terminate()
         for app in apps:
             app.wait(10)
+
+
+def assert_clean_error_log(config: GatewayConfig) -> None:
     log = Path(config.paths().logs_dir) / "error.log"
     bad = [line for line in log.read_text().splitlines()
            if "lua entry thread aborted" in line or "[alert]" in line or "[emerg]" in line]
     assert not bad, "nginx logged Lua/fatal errors:\n" + "\n".join(bad[:10])
+
+
+@pytest.fixture
+def site(hosts, gateway_dir):
+    config = gateway_config(gateway_dir)
+    site = Site(hosts.lan, hosts.win, hosts.wsl, GatewayProcess(config, wrap=hosts.win.command), config, "",
+                gateway_dir)
+    try:
+        with open(gateway_dir / "nginx.stderr", "wb") as errlog:
+            site.gateway.start(stderr=errlog)
+        site.token = Path(config.paths().token_file).read_text().strip()
+        yield site
+    finally:
+        site.gateway.stop()  # the test may have replaced it (restart)
+    assert_clean_error_log(config)
