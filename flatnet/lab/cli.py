@@ -43,6 +43,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     status = add("status", "namespaces, processes, routes, and whether the app answers from the LAN", _status)
     status.add_argument("--browser", action="store_true", help="also load the app in headless Chromium")
     add("down", "remove every namespace, link, rule and process of the lab (also after a crash)", _down)
+    run = add("exec", "run a command on a lab host (its namespace; podman there uses the host's Podman)", _exec)
+    run.add_argument("host", help="lab host, e.g. lan, win, wsl1")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command and arguments")
     parser.set_defaults(func=lambda args: _help(parser))
 
 
@@ -64,6 +67,13 @@ def _status(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     return _lab(args).down()
+
+
+def _exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UserError("give a command, e.g. flatnet lab exec wsl1 -- podman ps")
+    return _lab(args).exec(args.host, argv)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -422,6 +422,22 @@ class Lab:
         ok = result.returncode == 0 and _is_app_page(result.stdout)
         return {"ok": ok, "url": url, "detail": f"chromium exit {result.returncode}, DOM {len(result.stdout)} bytes"}
 
+    # ---- exec -------------------------------------------------------------------------------------
+
+    def exec(self, host: str, argv: list[str]) -> int:
+        """Run *argv* in lab host *host*; on a WSL2 host, ``podman`` talks to that host's Podman."""
+        try:
+            self.topology.host(host)
+        except KeyError:
+            known = ", ".join(h.name for h in self.topology.hosts)
+            raise UserError(f"no host {host!r} in the lab (hosts: {known})") from None
+        ns = Namespace(self.ns(host))
+        if not ns.exists():
+            raise UserError(f"{ns.name} does not exist: is the lab with prefix {self.prefix!r} up?")
+        stack = wsl.WslStack(self.state.dir, self.topology, host)
+        env = stack.podman().env() if stack.podman_base.joinpath("containers.conf").exists() else None
+        return subprocess.run(ns.command(argv), env=env).returncode
+
     # ---- status -----------------------------------------------------------------------------------
 
     def status(self, browser: bool = False) -> int:
@@ -448,6 +464,10 @@ class Lab:
             alive = p.alive()
             healthy &= alive
             self.out(f"  {p.name:<14} pid {p.pid:<7} in {p.host:<5} {'alive' if alive else 'DEAD'}   log {p.log}")
+        if manifest.facts.get("podman"):
+            self.out("Containers:")
+            for line in self.container_lines(manifest):
+                self.out(f"  {line}")
         self.out("Routes:")
         self.out("  " + "\n  ".join(self.route_lines(manifest)))
         check = self.check(manifest)
@@ -462,6 +482,26 @@ class Lab:
         for note in manifest.notes:
             self.out(f"Note: {note}")
         return 0 if healthy else 1
+
+    def container_lines(self, manifest: Manifest) -> list[str]:
+        """``podman ps`` of each WSL2 host's Podman environment."""
+        lines = []
+        for host in sorted(manifest.facts.get("podman", {})):
+            podman = wsl.WslStack(self.state.dir, self.topology, host).podman()
+            try:
+                result = podman.podman(
+                    ["ps", "--all", "--format", "{{.Names}}  {{.Status}}  {{.Image}}"],
+                    netns=self.ns(host), check=False, timeout=30,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                lines.append(f"{host}: podman ps timed out")
+                continue
+            if result.returncode != 0:
+                lines.append(f"{host}: podman ps failed: {result.stderr.strip()[-200:]}")
+                continue
+            found = result.stdout.strip().splitlines()
+            lines += [f"{host}: {c}" for c in found] or [f"{host}: (none)"]
+        return lines
 
     def route_lines(self, manifest: Manifest) -> list[str]:
         gateway = manifest.facts.get("gateway", {})
@@ -583,6 +623,9 @@ class Lab:
                 f"http://{topo.gateway_lan_address}/{demo['name']}/login     # redirect + cookie"
             )
         lines.append(f"  {lan} curl http://{topo.gateway_lan_address}/     # the service index")
+        podman_host = next((h for h in topo.wsl_hosts if h in manifest.facts.get("podman", {})), None)
+        if podman_host:
+            lines.append(f"  flatnet lab exec{self._prefix_arg()} {podman_host} -- podman ps     # {podman_host}'s containers")
         tunnel_hosts = manifest.facts.get("tunnel", [])
         if len(tunnel_hosts) >= 2:
             a, b = tunnel_hosts[0], tunnel_hosts[1]

@@ -77,10 +77,10 @@ def assert_demo_app_redirect_and_cookie_work_from_the_lan(prefix: str, name: str
     assert "arrived" in welcome.body and f"hello-from-{name}" in welcome.body
 
 
-def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capsys):
+def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothing(lab, capfd):
     """The README's main command: whatever of Flatnet is available, /web/ answers on the LAN."""
     assert main(["lab", "up", "--prefix", lab]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert f"nsenter --net=/run/netns/{lab}-lan curl http://{LAN_ADDRESS}/web/" in printed
     assert sorted(lab_namespaces(lab)) == sorted(f"{lab}-{h}" for h in ("lan", "win", "wsl1", "wsl2"))
 
@@ -93,6 +93,9 @@ def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothi
         assert found["web"]["backend"].startswith("10.87.1.")
         assert found["web"]["pushed_by"] == "node"
         assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "demo")
+        capfd.readouterr()
+        assert main(["lab", "exec", "--prefix", lab, "wsl1", "--", "podman", "ps", "--format", "{{.Names}}"]) == 0
+        assert capfd.readouterr().out.split() == ["web"]  # wsl1's own Podman, reached through `lab exec`
     else:
         assert "Podman containers on --network flatnet: not started" in printed
         assert_demo_app_redirect_and_cookie_work_from_the_lan(lab, "web")
@@ -102,7 +105,7 @@ def test_up_serves_the_apps_to_the_lan_through_the_gateway_and_down_leaves_nothi
         http_get(f"{lab}-lan", found["web"]["backend"].split(":")[0], 80, "/", timeout=1)
 
     assert main(["lab", "status", "--prefix", lab]) == 0
-    status = capsys.readouterr().out
+    status = capfd.readouterr().out
     assert "alive" in status and "DEAD" not in status and "FAIL" not in status
 
     tunnel = LabState(lab).load().facts.get("tunnel", [])
