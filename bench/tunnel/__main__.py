@@ -98,8 +98,11 @@ class FlatnetTunnel(Tunnel):
     name = "flatnet"
     target = FLATNET["b"]
 
+    def __init__(self, tunnel_options: dict | None = None) -> None:
+        self.tunnel_options = tunnel_options or {}
+
     def start(self, a, b, work):
-        configs = write_pki_and_configs(work / "flatnet", tun_name="fnbench0")
+        configs = write_pki_and_configs(work / "flatnet", tun_name="fnbench0", extra=self.tunnel_options)
         self.nodes = [start_node(a, configs["a"]), start_node(b, configs["b"])]
 
     def pids(self):
@@ -297,10 +300,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="flatnet,nebula,wireguard-go")
     parser.add_argument("--conditions", default="clean,loss1,loss1-skb", help=f"of {', '.join(CONDITIONS)}")
+    parser.add_argument("--flatnet", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [tunnel] setting for Flatnet's nodes, e.g. max_segments=8 (TOML value)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
-    tunnels = [t for t in (FlatnetTunnel(), NebulaTunnel(), WireguardGoTunnel()) if t.name in wanted]
+    options = dict(item.split("=", 1) for item in args.flatnet)
+    tunnels = [t for t in (FlatnetTunnel(options), NebulaTunnel(), WireguardGoTunnel()) if t.name in wanted]
     results = {}
     for tunnel in tunnels:
         a = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-a")

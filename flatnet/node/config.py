@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from flatnet import config
 from flatnet.config import port_check, positive_check
@@ -59,6 +60,7 @@ class TunnelConfig:
     underlay_interface: str = ""  # "": the interface of the default route (WSL2: eth0)
     max_segments: int = 16  # TCP segments sealed in one DATA_BATCH message at most (docs/dataplane.md)
     adaptive_segments: bool = True  # halve the cap on loss, grow it back while clean
+    parity: Literal["auto", "always", "never"] = "auto"  # a parity fragment per message (auto: while loss is seen)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class DataplaneSettings:
     max_cap: int = 16  # segments per DATA_BATCH message at most
     adaptive_cap: bool = True
     cap_growth_interval: int = 32  # clean messages before the cap grows by one
+    parity: str = "auto"  # parity fragments: "auto" (while loss is seen), "always", "never"
+    parity_hold: float = 10.0  # seconds parity stays on after the last retransmission seen
     data_type: int = 5  # the tunnel's DATA_BATCH message type
     single_type: int = 4  # the tunnel's DATA message type (one packet, sent by the engine itself)
 
@@ -71,6 +73,7 @@ class PeerPath:
     rx_messages: int = 0
     retransmissions_seen: int = 0
     since_decrease: int = 0
+    parity_until: float = 0.0
     endpoint: object = None
     up_since: float | None = None
     flows: dict = field(default_factory=dict)  # (src, dst, sport, dport) -> next expected seq
@@ -159,7 +162,7 @@ class Dataplane:
         path = self._path(session)
         # A retransmission travels unbatched, one segment per datagram: were it batched, losing any
         # datagram of its message would lose it again, and a lost retransmission costs TCP a timeout.
-        resent = flow.proto == P.PROTO_TCP and self._watch_retransmission(path, pkt, flow)
+        resent = flow.proto == P.PROTO_TCP and self._watch_retransmission(path, pkt, flow, now)
         if resent:
             pending = self._pending.get(id(session))
             if pending is not None and pending[2]:
@@ -220,7 +223,11 @@ class Dataplane:
             self._udp_out.append((datagram, addr, 0))
         else:
             self._message_id = (self._message_id + 1) & 0xFFFFFFFF
-            buffer, segment = B.encode_fragments(datagram, self._message_id, budget)
+            mode = self.settings.parity
+            parity = mode == "always" or (mode == "auto" and now < path.parity_until)
+            buffer, segment = B.encode_fragments(datagram, self._message_id, budget, parity)
+            if parity:
+                self.stats["parity_sent"] += 1
             self._udp_out.append((buffer, addr, segment))
         path.tx_bytes += len(datagram)
         path.tx_packets += packets
@@ -233,7 +240,7 @@ class Dataplane:
                 path.cap += 1
                 path.clean_messages = 0
 
-    def _watch_retransmission(self, path: PeerPath, pkt, flow: P.Flow) -> bool:
+    def _watch_retransmission(self, path: PeerPath, pkt, flow: P.Flow, now: float) -> bool:
         """Is this TCP packet a retransmission (data behind what this flow already sent)?"""
         l4 = flow.l4_offset
         if len(pkt) < l4 + P.TCP_MIN_HEADER:
@@ -248,6 +255,7 @@ class Dataplane:
         if expected is not None and 0 < ((expected - seq) & 0xFFFFFFFF) < 0x80000000:
             # seq is behind what was already sent: a retransmission, so a message was lost.
             path.retransmissions_seen += 1
+            path.parity_until = now + self.settings.parity_hold
             if self.settings.adaptive_cap and path.since_decrease >= DECREASE_COOLDOWN:
                 # At most one decrease per few messages: one loss makes TCP resend several segments.
                 path.cap = max(1, path.cap // 2)
@@ -557,12 +565,15 @@ class Dataplane:
                 "rx_messages": path.rx_messages,
                 "segment_cap": path.cap,
                 "retransmissions_seen": path.retransmissions_seen,
+                "parity": self.settings.parity == "always" or (self.settings.parity == "auto" and now < path.parity_until),
             }
         drops = Counter(self.drops)
         drops.update(self.reassembly.drops)
         drops.update({f"firewall.{k}": v for k, v in self.firewall.drops.items()})
         drops.update({f"tunnel.{k}": v for k, v in dict(getattr(self.engine, "drops", {}) or {}).items()})
-        return {"peers": peers, "drops": dict(drops), "stats": dict(self.stats), "firewall": self.firewall.status()}
+        stats = dict(self.stats)
+        stats["messages_rebuilt_from_parity"] = self.reassembly.recovered
+        return {"peers": peers, "drops": dict(drops), "stats": stats, "firewall": self.firewall.status()}
 
 
 def _endpoint(session):

@@ -101,6 +101,7 @@ class TunnelComponent:
             datagram_budget=underlay - UDP_IP_OVERHEAD,
             max_cap=max(1, min(tunnel.max_segments, MAX_SEGMENTS_LIMIT)),
             adaptive_cap=tunnel.adaptive_segments,
+            parity=tunnel.parity,
         )
         self.dataplane = Dataplane(self.engine, Firewall(self.config.firewall), settings)
         self.tun = TunDevice(tunnel.tun_name)

@@ -28,17 +28,24 @@ message, so the cap bounds how much one lost datagram costs TCP.
 2. Fragments. A sealed message longer than the datagram budget is cut into equal pieces (the last
    may be shorter), each sent as its own datagram behind this header::
 
-     0        1        2        3        4                                   8
-     +--------+--------+--------+--------+-----------------------------------+------------------+
-     |  type  | index  | count  |  rsvd  |         message id (u32)          | piece ...        |
-     +--------+--------+--------+--------+-----------------------------------+------------------+
+     0        1        2        3        4                                   8                 10
+     +--------+--------+--------+--------+-----------------------------------+-----------------+
+     |  type  | index  | count  | flags  |         message id (u32)          | message length  |
+     +--------+--------+--------+--------+-----------------------------------+-----------------+
+     | piece ...
+     +---------
 
    type      FRAGMENT_TYPE, a first byte no tunnel message uses
-   index     0..count-1; count 2..MAX_FRAGMENTS
+   index     0..count-1 for data pieces; count for the parity piece; count 2..MAX_FRAGMENTS
+   flags     bit 0 PARITY: the piece is the XOR of all data pieces (each zero-padded to the piece
+             size), so any ONE lost data piece can be rebuilt. The sender adds it while it sees
+             loss (docs/dataplane.md); other bits must be 0.
    message id  per sender, from a random start, so pieces of different messages never mix
+   message length  of the whole sealed message: every piece but the last is the same size
 
-   Fragments are not authenticated one by one: the reassembled message is opened by the session
-   (AEAD, replay window), so a forged or mixed-up piece only makes that message fail and be dropped.
+   Fragments (and the parity piece) are not authenticated one by one: the reassembled message is
+   opened by the session (AEAD, replay window), so a forged or mixed-up piece only makes that
+   message fail and be dropped. Parity is forward error correction, not cryptography.
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ FLAG_NEEDS_CSUM = 0x01
 KNOWN_FLAGS = FLAG_NEEDS_CSUM
 MAX_RECORD_LENGTH = 0xFFFF
 
-FRAGMENT_HEADER = struct.Struct("!BBBBI")
-FRAGMENT_HEADER_LEN = FRAGMENT_HEADER.size  # 8
+FRAGMENT_HEADER = struct.Struct("!BBBBIH")
+FRAGMENT_HEADER_LEN = FRAGMENT_HEADER.size  # 10
+FRAGMENT_PARITY = 0x01
 # First byte of a fragment datagram. Tunnel messages start with their type (small numbers); the
 # test tests/node/test_batch.py checks this never collides with a tunnel message type.
 FRAGMENT_TYPE = 0xFB
@@ -110,6 +118,8 @@ class Fragment(NamedTuple):
     index: int
     count: int
     message_id: int
+    message_length: int
+    parity: bool
     piece: memoryview
 
 
@@ -118,38 +128,60 @@ def parse_fragment(datagram) -> Fragment | None:
     view = memoryview(datagram)
     if len(view) <= FRAGMENT_HEADER_LEN:
         return None
-    kind, index, count, reserved, message_id = FRAGMENT_HEADER.unpack_from(view, 0)
-    if kind != FRAGMENT_TYPE or reserved != 0 or not 2 <= count <= MAX_FRAGMENTS or index >= count:
+    kind, index, count, flags, message_id, length = FRAGMENT_HEADER.unpack_from(view, 0)
+    if kind != FRAGMENT_TYPE or flags & ~FRAGMENT_PARITY or not 2 <= count <= MAX_FRAGMENTS or length == 0:
         return None
-    return Fragment(index, count, message_id, view[FRAGMENT_HEADER_LEN:])
+    parity = bool(flags & FRAGMENT_PARITY)
+    if (parity and index != count) or (not parity and index >= count):
+        return None
+    piece = view[FRAGMENT_HEADER_LEN:]
+    # Every piece but the last data piece has the message's piece size P: (count-1)*P < length <= count*P.
+    last_data = not parity and index == count - 1
+    if not last_data and not (count - 1) * len(piece) < length <= count * len(piece):
+        return None
+    return Fragment(index, count, message_id, length, parity, piece)
 
 
 def fragment_piece_size(datagram_budget: int) -> int:
     return datagram_budget - FRAGMENT_HEADER_LEN
 
 
-def encode_fragments(message, message_id: int, datagram_budget: int) -> tuple[bytes, int]:
-    """Cut *message* into fragment datagrams of at most *datagram_budget* bytes.
+def xor_pieces(pieces, size: int) -> bytes:
+    """XOR of *pieces*, each zero-padded to *size* bytes (big integers do it at C speed)."""
+    acc = 0
+    for piece in pieces:
+        acc ^= int.from_bytes(piece, "little")
+    return acc.to_bytes(size, "little")
+
+
+def encode_fragments(message, message_id: int, datagram_budget: int, parity: bool = False) -> tuple[bytes, int]:
+    """Cut *message* into fragment datagrams of at most *datagram_budget* bytes (+ a parity one).
 
     Returns (buffer, segment_size): the datagrams back to back, every one *segment_size* long but
-    the last, which is exactly what one ``sendmsg`` with ``UDP_SEGMENT = segment_size`` sends.
+    the last, which is exactly what one ``sendmsg`` with ``UDP_SEGMENT = segment_size`` sends. The
+    parity fragment, full-sized, goes just before the (shorter) last data fragment.
     """
     piece = fragment_piece_size(datagram_budget)
     view = memoryview(message)
-    count = -(-len(view) // piece)
-    if not 2 <= count <= MAX_FRAGMENTS:
-        raise ValueError(f"a message of {len(view)} bytes makes {count} fragments")
+    length = len(view)
+    count = -(-length // piece)
+    if not 2 <= count <= MAX_FRAGMENTS or length > 0xFFFF:
+        raise ValueError(f"a message of {length} bytes makes {count} fragments")
     message_id &= 0xFFFFFFFF
     pack = FRAGMENT_HEADER.pack
     parts = []
     for index in range(count):
-        parts.append(pack(FRAGMENT_TYPE, index, count, 0, message_id))
+        if parity and index == count - 1:
+            pieces = [view[i * piece : (i + 1) * piece] for i in range(count)]
+            parts.append(pack(FRAGMENT_TYPE, count, count, FRAGMENT_PARITY, message_id, length))
+            parts.append(xor_pieces(pieces, piece))
+        parts.append(pack(FRAGMENT_TYPE, index, count, 0, message_id, length))
         parts.append(view[index * piece : (index + 1) * piece])
     return b"".join(parts), piece + FRAGMENT_HEADER_LEN
 
 
 def join_fragment_train(buffer, segment_size: int) -> bytes | None:
-    """The message in a GRO-coalesced *buffer* holding exactly all its fragments, in order; else None.
+    """The message in a GRO-coalesced *buffer* holding all its data fragments; else None.
 
     The common case on a clean path: the sender's one GSO send comes back as one GRO read. Anything
     else (a partial message, two messages, a gap) returns None and goes through reassembly.
@@ -157,16 +189,23 @@ def join_fragment_train(buffer, segment_size: int) -> bytes | None:
     view = memoryview(buffer)
     if segment_size <= FRAGMENT_HEADER_LEN or len(view) <= segment_size:
         return None
-    count = -(-len(view) // segment_size)
-    if view[0] != FRAGMENT_TYPE or view[1] != 0 or view[2] != count or not 2 <= count <= MAX_FRAGMENTS:
+    segments = -(-len(view) // segment_size)
+    if view[0] != FRAGMENT_TYPE or view[1] != 0:
         return None
-    tail = view[2:FRAGMENT_HEADER_LEN]  # count, reserved, message id: the same in every fragment
-    if tail[1] != 0:
+    common = view[2:3], view[4:FRAGMENT_HEADER_LEN]  # count; message id and length
+    count = view[2]
+    if not 2 <= count <= MAX_FRAGMENTS or segments not in (count, count + 1):
         return None
     parts = []
-    for index in range(count):
-        at = index * segment_size
-        if view[at] != FRAGMENT_TYPE or view[at + 1] != index or view[at + 2 : at + FRAGMENT_HEADER_LEN] != tail:
+    for at in range(0, len(view), segment_size):
+        if view[at] != FRAGMENT_TYPE or view[at + 2 : at + 3] != common[0] or view[at + 4 : at + FRAGMENT_HEADER_LEN] != common[1]:
+            return None
+        if view[at + 3] & FRAGMENT_PARITY:
+            continue
+        if view[at + 1] != len(parts) or view[at + 3]:
             return None
         parts.append(view[at + FRAGMENT_HEADER_LEN : at + segment_size])
-    return b"".join(parts)
+    if len(parts) != count:
+        return None
+    message = b"".join(parts)
+    return message if len(message) == int.from_bytes(common[1][4:6], "big") else None

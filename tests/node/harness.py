@@ -37,7 +37,9 @@ class Side:
 
 class Pair:
     def __init__(self, network: UdpNetwork | None = None, overlay_mtu: int = 1434, budget: int = 1472,
-                 max_cap: int = 16, adaptive: bool = True, firewall_b: FirewallConfig | None = None, groups_a=("hosts",)):
+                 max_cap: int = 16, adaptive: bool = True, firewall_b: FirewallConfig | None = None, groups_a=("hosts",),
+                 parity: str = "auto"):
+        self.parity = parity
         self.now = T0
         self.network = network or UdpNetwork()
         ca_cert, ca_key = new_ca("team", not_after=FAR)
@@ -55,7 +57,7 @@ class Pair:
         settings = DataplaneSettings(
             local_ip=ipaddress.ip_address(ip),
             local_networks=(ipaddress.ip_network(f"{ip}/32"), ipaddress.ip_network(net)),
-            overlay_mtu=mtu, datagram_budget=budget, max_cap=cap, adaptive_cap=adaptive,
+            overlay_mtu=mtu, datagram_budget=budget, max_cap=cap, adaptive_cap=adaptive, parity=self.parity,
         )
         dataplane = Dataplane(engine, Firewall(fw), settings, rng=random.Random(name))
         tun = TunTwin(name)

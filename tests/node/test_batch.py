@@ -136,3 +136,39 @@ def test_a_whole_gro_train_is_joined_without_reassembly():
 @given(st.binary(max_size=3000), st.integers(0, 1600))
 def test_join_fragment_train_never_raises(data, segment):
     B.join_fragment_train(bytes([B.FRAGMENT_TYPE]) + data, segment)
+
+
+@pytest.mark.parametrize("length", [3000, 2924, 20_000])
+def test_parity_rebuilds_any_one_missing_piece(length):
+    message = bytes(random.Random(length).randbytes(length))
+    buffer, segment = B.encode_fragments(message, 9, 1472, parity=True)
+    datagrams = [buffer[i : i + segment] for i in range(0, len(buffer), segment)]
+    data = [d for d in datagrams if not B.parse_fragment(d).parity]
+    [parity] = [d for d in datagrams if B.parse_fragment(d).parity]
+    for lost in range(len(data)):
+        reassembly = Reassembly()
+        arrivals = [parity] + [d for i, d in enumerate(data) if i != lost]
+        random.Random(lost).shuffle(arrivals)
+        results = [reassembly.add(B.parse_fragment(d), "x", 0.0) for d in arrivals]
+        assert results[-1] == message and reassembly.recovered == 1
+
+
+def test_two_missing_pieces_cannot_be_rebuilt_and_late_parity_is_ignored():
+    message = bytes(random.Random(1).randbytes(8000))
+    buffer, segment = B.encode_fragments(message, 3, 1472, parity=True)
+    fragments = [B.parse_fragment(buffer[i : i + segment]) for i in range(0, len(buffer), segment)]
+    data = [f for f in fragments if not f.parity]
+    parity = next(f for f in fragments if f.parity)
+    reassembly = Reassembly()
+    assert all(reassembly.add(f, "x", 0.0) is None for f in [parity, *data[2:]])
+    reassembly.expire(10.0)
+    assert reassembly.drops["reassembly_timeout"] == 1
+    clean = Reassembly()
+    assert [clean.add(f, "x", 0.0) for f in data][-1] == message
+    assert clean.add(parity, "x", 0.0) is None and len(clean) == 0
+
+
+def test_gro_train_with_parity_is_joined():
+    message = bytes(random.Random(4).randbytes(9000))
+    buffer, segment = B.encode_fragments(message, 5, 1472, parity=True)
+    assert B.join_fragment_train(buffer, segment) == message

@@ -217,3 +217,38 @@ def test_a_large_transfer_arrives_intact_with_loss_and_tampering():
         assert data[offset : offset + len(chunk)] == chunk
     assert len(received) > 0 and sum(map(len, received.values())) > len(data) // 2
     assert pair.b.dataplane.status(pair.now)["drops"].get("tunnel.decrypt-failed", 0) > 0  # tampering was seen
+
+
+def test_parity_rebuilds_a_message_that_lost_one_fragment():
+    dropped = []
+
+    def impair(datagram, src, dst):
+        if datagram[0] == B.FRAGMENT_TYPE and datagram[1] == 2 and not dropped:
+            dropped.append(datagram)
+            return []
+        return [datagram]
+
+    pair = Pair(network=UdpNetwork(impair), adaptive=False, parity="always")
+    pair.establish()
+    payload = os.urandom(1380 * 8)
+    pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1, payload, partial=True), 1380))
+    pair.run()
+    assert dropped
+    assert b"".join(bytes(IP(s)[TCP].payload) for s in finished_packets(pair.b.tun.written)) == payload
+    assert pair.b.dataplane.status(pair.now)["stats"]["messages_rebuilt_from_parity"] == 1
+
+
+def test_parity_turns_on_when_loss_is_seen():
+    pair = Pair()
+    pair.establish()
+    mss = 1380
+    path_status = lambda: pair.a.dataplane.status(pair.now)["peers"][B_IP]["parity"]  # noqa: E731
+    pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1, os.urandom(mss * 4), partial=True), mss))
+    pair.run()
+    assert not path_status() and "parity_sent" not in pair.a.dataplane.stats
+    pair.a.tun.inject(frame(tcp(A_IP, B_IP, 40000, 80, 1, os.urandom(mss))))  # a retransmission
+    pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1 + mss * 4, os.urandom(mss * 4), partial=True), mss))
+    pair.run()
+    assert path_status() and pair.a.dataplane.stats["parity_sent"] == 1
+    pair.now += 11.0
+    assert not path_status()
