@@ -102,7 +102,7 @@ def run(environ: Mapping[str, str], stdin: bytes, fallback_paths: Sequence[str] 
 
     version = "1.0.0"
     try:
-        request = parse_request(environ, stdin)
+        request = parse_request(environ, stdin, os.getppid())
         if request.cni_version in SUPPORTED_VERSIONS:
             version = request.cni_version
         if request.command == "VERSION":

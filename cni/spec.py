@@ -75,14 +75,15 @@ class CniRequest:
     """One invocation: the environment's CNI_* variables and the parsed network configuration.
 
     ``podman_env``: Podman's own configuration files (``CONTAINERS_CONF``...), passed through so the
-    node can ask the same Podman for the container's labels.
+    node can ask the same Podman for the container's labels. ``runtime_pid``: the process that ran
+    the plugin (Podman): its command line carries ``podman run --label ...`` (see the node).
     """
 
-    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path", "config", "podman_env")
+    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path", "config", "podman_env", "runtime_pid")
 
     def __init__(self, command: str, container_id: str = "", netns: str = "", ifname: str = "",
                  args: dict[str, str] | None = None, path: str = "", config: dict[str, Any] | None = None,
-                 podman_env: dict[str, str] | None = None) -> None:
+                 podman_env: dict[str, str] | None = None, runtime_pid: int = 0) -> None:
         self.command = command
         self.container_id = container_id
         self.netns = netns
@@ -91,6 +92,7 @@ class CniRequest:
         self.path = path
         self.config = config or {}
         self.podman_env = podman_env or {}
+        self.runtime_pid = runtime_pid
 
     def __repr__(self) -> str:
         return f"CniRequest({self.command} {self.container_id[:12]} {self.ifname} {self.netns})"
@@ -118,6 +120,7 @@ class CniRequest:
             "path": self.path,
             "config": self.config,
             "podmanEnv": self.podman_env,
+            "runtimePid": self.runtime_pid,
         }
 
     @classmethod
@@ -131,6 +134,7 @@ class CniRequest:
             path=str(data.get("path", "")),
             config=dict(data.get("config") or {}),
             podman_env={str(k): str(v) for k, v in dict(data.get("podmanEnv") or {}).items()},
+            runtime_pid=int(data.get("runtimePid") or 0),
         )
 
 
@@ -150,7 +154,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
     return out
 
 
-def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
+def parse_request(environ: Mapping[str, str], stdin: bytes, runtime_pid: int = 0) -> CniRequest:
     """Validate the environment and the configuration; raise :class:`CniError` with the spec's code."""
     from cni import jsonwire
 
@@ -195,6 +199,7 @@ def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
         path=environ.get("CNI_PATH", ""),
         config=config,
         podman_env={k: environ[k] for k in PODMAN_ENV_KEYS if k in environ},
+        runtime_pid=runtime_pid,
     )
 
 

@@ -18,6 +18,12 @@ Podman or a gateway); :class:`GatewayPusher` drives any object with the admin cl
 Labels (read through Podman): ``flatnet.port=3000`` (the app's HTTP port), ``flatnet.name=shop``
 (the route name; default: the container's name), ``flatnet.expose=false`` (do not publish). Without
 a port label, the first TCP port mapping's container port (``-p 8080:3000`` gives 3000), else 80.
+
+Two readings, so the gateway knows before the container has even started: at ADD, the labels on
+the command line of the ``podman run`` that ran the plugin (``/proc/<pid>/cmdline``: instant, but
+blind to labels baked into the image); then ``podman container inspect``, which waits for Podman to
+release the container (after it started) and is the final word. A container whose image alone says
+``flatnet.expose=false`` is thus published for the moment between the two.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -251,8 +258,6 @@ class GatewayPusher:
 
 async def podman_labels(container_id: str, podman_env: Mapping[str, str]) -> dict[str, str] | None:
     """The container's labels via ``podman container inspect`` (None: no such container)."""
-    import os
-
     env = dict(os.environ)
     env.update(podman_env)
     proc = await asyncio.create_subprocess_exec(
@@ -269,6 +274,57 @@ async def podman_labels(container_id: str, podman_env: Mapping[str, str]) -> dic
         return None
     labels = json.loads(out or b"null")
     return {str(k): str(v) for k, v in (labels or {}).items()}
+
+
+def labels_from_podman_argv(argv: list[str]) -> dict[str, str] | None:
+    """``--label k=v`` / ``-l k=v`` / ``--label=k=v`` of a ``podman [container] run`` command line.
+
+    None when *argv* is not one (``podman start``, ``network reload``, another runtime) or uses
+    ``--label-file``: then only ``podman inspect`` can tell.
+    """
+    if not argv or not os.path.basename(argv[0]).startswith("podman"):
+        return None
+    head = argv[1:8]
+    if "run" not in head:
+        return None
+    labels: dict[str, str] = {}
+    tokens = iter(argv[1 + head.index("run") + 1:])
+    for token in tokens:
+        if token == "--":
+            break
+        if token.startswith("--label-file"):
+            return None
+        if token in ("--label", "-l"):
+            value = next(tokens, "")
+        elif token.startswith("--label="):
+            value = token[len("--label="):]
+        elif token.startswith("-l") and not token.startswith("--") and len(token) > 2:
+            value = token[2:]
+        else:
+            continue
+        key, _, text = value.partition("=")
+        labels[key] = text
+    return labels
+
+
+def labels_from_runtime(pid: int, levels: int = 3) -> dict[str, str] | None:
+    """Labels from the ``podman run`` that ran the plugin: its parent, or an ancestor a few levels
+    up (a wrapper script between Podman and the plugin is allowed)."""
+    for _ in range(levels):
+        if pid <= 1:
+            return None
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        labels = labels_from_podman_argv(argv)
+        if labels is not None:
+            return labels
+        pid = parent
+    return None
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -325,7 +381,8 @@ class CniService:
             with guard(request.command):
                 outcome = self.core.add(request)
             address = outcome.attachment.address.ip
-            loop.call_soon_threadsafe(self._container_added, address, outcome.lease)
+            quick = labels_from_runtime(request.runtime_pid)
+            loop.call_soon_threadsafe(self._container_added, address, outcome.lease, quick)
             return outcome.attachment.result(request.cni_version)
         if request.command == "DEL":
             self.core.handle(request)
@@ -341,10 +398,13 @@ class CniService:
             return None
         return self.core.handle(request)
 
-    def _container_added(self, address: ipaddress.IPv4Address, lease: Lease) -> None:
+    def _container_added(self, address: ipaddress.IPv4Address, lease: Lease,
+                         quick_labels: dict[str, str] | None = None) -> None:
         old = self._lookups.pop(lease.container_id, None)
         if old is not None:
             old.cancel()
+        if quick_labels is not None:
+            self.registry.put(service_for(lease.container_id, lease.name, address, quick_labels, lease.port_mappings))
         task = asyncio.get_running_loop().create_task(self._register(address, lease))
         self._lookups[lease.container_id] = task
         task.add_done_callback(lambda t, cid=lease.container_id: self._lookups.pop(cid, None) if self._lookups.get(cid) is t else None)

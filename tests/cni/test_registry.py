@@ -9,6 +9,7 @@ from flatnet.node.cni_service import (
     GatewayAdminAdapter,
     GatewayPusher,
     ServiceRegistry,
+    labels_from_podman_argv,
     route_name,
     service_for,
 )
@@ -114,3 +115,15 @@ async def test_adapter_speaks_the_gateways_admin_api():
     assert (m2, p2, b2["owner"], b2["generation"]) == ("POST", "/api/v1/sync", "wsl-a", 7)
     assert [r["name"] for r in b2["routes"]] == ["web"]
     assert (m3, p3) == ("DELETE", "/api/v1/routes/web")
+
+
+def test_labels_from_the_podman_run_command_line():
+    argv = ["podman", "--root", "/x", "run", "-d", "--network", "flatnet", "--label", "flatnet.port=3000",
+            "-l", "flatnet.name=shop", "--label=a=b=c", "-lflatnet.expose=false", "img", "--", "--label", "x=y"]
+    assert labels_from_podman_argv(argv) == {"flatnet.port": "3000", "flatnet.name": "shop", "a": "b=c",
+                                             "flatnet.expose": "false"}
+    assert labels_from_podman_argv(["/usr/bin/podman", "container", "run", "img"]) == {}
+    assert labels_from_podman_argv(["podman", "start", "web"]) is None
+    assert labels_from_podman_argv(["podman", "run", "--label-file", "f", "img"]) is None
+    assert labels_from_podman_argv(["crun", "run"]) is None
+    assert labels_from_podman_argv([]) is None
