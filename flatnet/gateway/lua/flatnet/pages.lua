@@ -123,4 +123,15 @@ function M.not_found()
     return page(404, title, body, false)
 end
 
+-- The location @flatnet_page: what router.route() asked for.
+function M.answer()
+    local page = ngx.var.flatnet_page
+    if page == "index" then
+        return M.index()
+    elseif page == "slash" then
+        return ngx.redirect(ngx.var.flatnet_uri, ngx.HTTP_MOVED_PERMANENTLY)
+    end
+    return M.not_found()
+end
+
 return M

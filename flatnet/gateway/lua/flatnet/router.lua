@@ -1,6 +1,7 @@
 -- Choosing a route for a request (rewrite phase), a backend for it (balancer phase), and fixing
 -- what a strip-mode app sends back (header filter).
 --
+-- route() runs in set_by_lua (no coroutine, no yielding: only shared-dict reads and string work).
 -- A request finds its route in this order:
 --   1. it arrived on a dedicated port      -> the route holding that port (whole URI passed)
 --   2. its Host is <name>.<domain> or a route's `host` -> that route (whole URI passed)
@@ -16,9 +17,10 @@ local M = {}
 local health = ngx.shared.flatnet_health
 local rr = {} -- per-worker round-robin position by route name
 
+-- What the gateway answers itself (pages.answer reads it back from $flatnet_page).
 local function not_found(kind)
     ngx.var.flatnet_missing = kind
-    return ngx.exec("@flatnet_not_found")
+    return "not-found"
 end
 
 local function use(route, upstream_uri, prefix, kind)
@@ -30,14 +32,17 @@ local function use(route, upstream_uri, prefix, kind)
     if prefix then
         ngx.var.flatnet_prefix = prefix
     end
+    return ""
 end
 
-function M.rewrite()
+-- In set_by_lua: "" to proxy (route in ngx.ctx, $flatnet_uri set), else the page to answer.
+function M.route()
     local snap = state.snapshot()
     local request_uri = ngx.var.request_uri
 
-    local port = tonumber(ngx.var.server_port)
-    if state.port_pool()[port] then
+    local pool = state.port_pool()
+    local port = next(pool) and tonumber(ngx.var.server_port)
+    if port and pool[port] then
         local route = snap.by_port[port]
         if not route then
             ngx.var.flatnet_service = tostring(port)
@@ -46,7 +51,7 @@ function M.rewrite()
         return use(route, request_uri, nil, "port")
     end
 
-    local route = snap.by_host[ngx.var.host]
+    local route = next(snap.by_host) and snap.by_host[ngx.var.host]
     if route then
         return use(route, request_uri, nil, "host")
     end
@@ -54,7 +59,7 @@ function M.rewrite()
     local name, rest = request_uri:match("^/([^/?]+)(.*)$")
     if not name then
         if ngx.var.uri == "/" then
-            return ngx.exec("@flatnet_index")
+            return "index"
         end
         return not_found("path")
     end
@@ -67,7 +72,8 @@ function M.rewrite()
         return use(route, request_uri, nil, "path")
     end
     if rest == "" or rest:byte(1) == 63 then -- "/web" or "/web?x": the app's root is "/web/"
-        return ngx.redirect("/" .. name .. "/" .. rest, ngx.HTTP_MOVED_PERMANENTLY)
+        ngx.var.flatnet_uri = "/" .. name .. "/" .. rest
+        return "slash"
     end
     return use(route, rest, route.prefix, "path")
 end
