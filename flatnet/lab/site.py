@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flatnet.errors import UserError
@@ -219,6 +220,11 @@ class Lab:
             _, err = proc.communicate(timeout=60)
             if proc.returncode != 0:
                 raise UserError(f"flatnet cni install for {host} failed: {err.strip()[-500:]}")
+        # Every WSL2 host gets the offline busybox image, so `lab exec <host> -- podman run` works there.
+        with ThreadPoolExecutor(max_workers=len(started)) as pool:
+            for host, problem in pool.map(_import_image, [stack for stack, _ in started]):
+                if problem:
+                    raise UserError(f"importing the busybox image on {host} failed: {problem}")
         self.state.save(manifest)
 
     def _wait_for_node(self, record: ProcessRecord, stack: wsl.WslStack) -> str | None:
@@ -653,6 +659,16 @@ class Lab:
             if tail:
                 parts.append(f"--- {p.name} ({p.log}):\n{tail}")
         return "\n".join(parts)
+
+
+def _import_image(stack: wsl.WslStack) -> tuple[str, str | None]:
+    from flatnet.podman import PodmanError
+
+    try:
+        stack.podman().ensure_image()
+    except (PodmanError, subprocess.TimeoutExpired) as exc:
+        return stack.host, str(exc)
+    return stack.host, None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
