@@ -86,7 +86,9 @@ function M.balance()
     local peers = route.peers
     local n = #peers
     local index = ctx.flatnet_peer
-    if index == nil then
+    if n == 1 then
+        index = 1 -- nothing to choose; the common case stays cheap
+    elseif index == nil then
         local start = (rr[route.name] or 0) % n + 1
         rr[route.name] = start
         index = start
@@ -97,13 +99,12 @@ function M.balance()
                 break
             end
         end
-        if n > 1 then
-            balancer.set_more_tries(n - 1)
-        end
+        balancer.set_more_tries(n - 1)
+        ctx.flatnet_peer = index
     else
         index = index % n + 1
+        ctx.flatnet_peer = index
     end
-    ctx.flatnet_peer = index
     local peer = peers[index]
     local ok, err = balancer.set_current_peer(peer.ip, peer.port)
     if not ok then
