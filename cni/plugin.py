@@ -72,7 +72,9 @@ def ask_node(socket_path: str, request: CniRequest, timeout: float = NODE_TIMEOU
     finally:
         sock.close()
     if not data:
-        raise CniError(ERR_TRY_AGAIN_LATER, "flatnet-node closed the connection", socket_path)
+        # The node died mid-request. Doing the work here is safe: ADD starts from a clean slate,
+        # DEL and CHECK are idempotent, so whatever the node had done is redone or undone.
+        raise NodeUnavailable("flatnet-node closed the connection without an answer")
     try:
         answer = jsonwire.loads(data)
     except ValueError as exc:

@@ -43,6 +43,7 @@ class PodmanSite:
     podman: PodmanEnv
     gateway: GatewayProcess
     token: str
+    token_file: Path
     tmp: Path
 
     def run(self, *args: str, check: bool = True):
@@ -126,7 +127,7 @@ def build(make_ns: Callable[[str], Namespace], plugin_wrapper: Callable[[Path], 
         token = Path(config.paths().token_file).read_text().strip()
         podman.ensure_image()
         host.start_node(gateway_url=f"http://{GATEWAY_WSL}:8081", token_file=Path(config.paths().token_file))
-        yield PodmanSite(lan, win, wsl, host, podman, gateway, token, tmp)
+        yield PodmanSite(lan, win, wsl, host, podman, gateway, token, Path(config.paths().token_file), tmp)
     finally:
         try:
             podman.podman(["rm", "--all", "--force", "--time", "0"], netns=wsl.name, check=False)

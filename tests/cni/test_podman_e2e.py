@@ -97,3 +97,16 @@ def test_twenty_containers_in_parallel_leave_nothing_behind(site):
         assert list(pool.map(remove, names)) == [0] * 20
     assert_no_flatnet_state(site)
     site.wait_for(lambda: not set(names) & set(site.admin_routes()), what="all routes withdrawn")
+
+
+def test_node_down_add_still_works_and_the_node_publishes_it_when_it_starts(site):
+    site.host.stop_node()
+    site.run("run", "-d", "--network", "flatnet", "--name", "early", "--label", "flatnet.name=early-bird", IMAGE, *HTTPD)
+    address = site.run("inspect", "--format", "{{.NetworkSettings.Networks.flatnet.IPAddress}}", "early").stdout.strip()
+    assert site.wsl_get(address)[0] == 200  # the plugin did the work itself
+    assert "early-bird" not in site.admin_routes()
+    site.host.start_node(gateway_url=f"http://{podman_site.GATEWAY_WSL}:8081", token_file=site.token_file)
+    site.wait_for(lambda: site.lan_status("/early-bird/") == 200, what="the node to publish the container")
+    site.run("rm", "--force", "--time", "0", "early")
+    site.wait_for(lambda: "early-bird" not in site.admin_routes(), what="the route to be withdrawn")
+    assert_no_flatnet_state(site)
