@@ -18,9 +18,12 @@ must pass anti-spoofing (the inner source is one the peer's certificate allows),
 this node or its containers, and pass the firewall. Consecutive in-order segments of one TCP flow
 are merged into one super-packet, so the kernel gets one large TUN write and sends fewer ACKs.
 
-The cap adapts (AIMD): a lost datagram loses its whole message, so per peer the cap halves when
-the sender sees a TCP retransmission toward that peer (a sequence number below what was already
-sent) and grows by one after ``cap_growth_interval`` clean messages, between 1 and ``max_cap``.
+Loss adapts the format. A lost datagram loses its whole message, so when the sender sees a TCP
+retransmission toward a peer (a sequence number below what was already sent) it (1) sends that
+retransmission unbatched, one segment per datagram, (2) adds a parity fragment to each message for
+``parity_hold`` seconds, so a message survives any one lost fragment, and (3) if loss goes on with
+parity on, halves the peer's segment cap (AIMD: +1 after ``cap_growth_interval`` clean messages,
+between 1 and ``max_cap``).
 
 Errors: bad input from the network is dropped and counted in :attr:`drops` by reason, never raised.
 """
@@ -41,7 +44,8 @@ _H = struct.Struct("!H")
 _I = struct.Struct("!I")
 
 MAX_SUPERPACKET = 65535 - 256
-DECREASE_COOLDOWN = 8  # messages sent between two decreases of a peer's segment cap  # headroom below the IP length limit for a merged super-packet
+DECREASE_COOLDOWN = 8  # messages sent between two decreases of a peer's segment cap (no parity)
+DECREASE_COOLDOWN_WITH_PARITY = 64  # with parity, a message survives one lost fragment: shrink rarely  # headroom below the IP length limit for a merged super-packet
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,17 @@ class Dataplane:
         if expected is not None and 0 < ((expected - seq) & 0xFFFFFFFF) < 0x80000000:
             # seq is behind what was already sent: a retransmission, so a message was lost.
             path.retransmissions_seen += 1
+            # Loss seen. First answer: parity (a message then survives one lost fragment). Second,
+            # if loss goes on although parity is on (or parity is off): smaller messages. At most
+            # one decrease per few messages: one loss makes TCP resend several segments.
+            parity_was_on = self.settings.parity == "always" or (
+                self.settings.parity == "auto" and now < path.parity_until
+            )
+            cooldown = DECREASE_COOLDOWN_WITH_PARITY if parity_was_on else DECREASE_COOLDOWN
+            if self.settings.parity == "auto" and not parity_was_on:
+                cooldown = None  # parity alone may do
             path.parity_until = now + self.settings.parity_hold
-            if self.settings.adaptive_cap and path.since_decrease >= DECREASE_COOLDOWN:
-                # At most one decrease per few messages: one loss makes TCP resend several segments.
+            if self.settings.adaptive_cap and cooldown is not None and path.since_decrease >= cooldown:
                 path.cap = max(1, path.cap // 2)
                 path.clean_messages = 0
                 path.since_decrease = 0
@@ -306,6 +318,11 @@ class Dataplane:
                 self._datagram(view[at : at + segment_size], addr, now)
         else:
             self._datagram(data, addr, now)
+
+    def udp_burst_done(self, now: float) -> None:
+        """The socket would block: rebuild from parity the messages still one piece short."""
+        for addr, message in self.reassembly.recover_pending():
+            self._datagram(message, addr, now)
 
     def _datagram(self, data, addr, now: float) -> None:
         if not data:

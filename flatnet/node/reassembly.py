@@ -6,7 +6,9 @@ then; a forged piece can only make its message fail authentication after reassem
 
 With a parity piece, a message missing exactly one data piece is rebuilt: the missing piece is the
 XOR of the parity and every other piece (each zero-padded), trimmed to its length when it is the
-last. A parity piece arriving after its message completed is recognised and ignored.
+last. A parity piece arriving after its message completed is recognised and ignored. Rebuilding waits
+for :meth:`Reassembly.recover_pending` (the end of a read burst): the missing piece is usually
+just behind the parity.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Reassembly:
         self._recent: OrderedDict = OrderedDict()
         self.drops: Counter = Counter()
         self.recovered = 0  # messages rebuilt from parity
+        self._recoverable: dict[tuple, None] = {}  # one piece short, parity in hand
 
     def __len__(self) -> int:
         return len(self._partials)
@@ -50,12 +53,14 @@ class Reassembly:
         if partial is None:
             if key in self._recent:
                 if not fragment.parity:
-                    self.drops["fragment_duplicate"] += 1
+                    self.drops["fragment_after_rebuild"] += 1  # or a duplicate of a completed message
                 return None
             if len(self._partials) >= self.max_messages:
                 self.expire(now)
                 if len(self._partials) >= self.max_messages:
-                    del self._partials[next(iter(self._partials))]
+                    oldest = next(iter(self._partials))
+                    del self._partials[oldest]
+                    self._recoverable.pop(oldest, None)
                     self.drops["reassembly_evicted"] += 1
             partial = self._partials[key] = _Partial(fragment.count, fragment.message_length, now + self.timeout)
         elif len(partial.pieces) != fragment.count or partial.length != fragment.message_length:
@@ -73,10 +78,30 @@ class Reassembly:
             partial.pieces[fragment.index] = fragment.piece
             partial.missing -= 1
         if partial.missing == 0:
+            self._recoverable.pop(key, None)
             return self._complete(key, partial)
         if partial.missing == 1 and partial.parity is not None:
-            return self._recover(key, partial)
+            if partial.pieces[-1] is not None:
+                # Pieces come in order, the last one is here: the missing one is lost. Rebuild now
+                # (waiting would deliver this message after later ones: TCP reads that as loss).
+                self._recoverable.pop(key, None)
+                return self._recover(key, partial)
+            # The sender puts the parity just before the last piece, which is usually on its way:
+            # recover_pending() rebuilds what is still short once the read burst is over.
+            self._recoverable[key] = None
         return None
+
+    def recover_pending(self) -> list[tuple]:
+        """(addr, message) for every message still one piece short with its parity: rebuilt now."""
+        out = []
+        for key in self._recoverable:
+            partial = self._partials.get(key)
+            if partial is not None and partial.missing == 1 and partial.parity is not None:
+                message = self._recover(key, partial)
+                if message is not None:
+                    out.append((key[0], message))
+        self._recoverable.clear()
+        return out
 
     def _complete(self, key, partial: _Partial) -> bytes | None:
         del self._partials[key]
@@ -109,6 +134,7 @@ class Reassembly:
         expired = [k for k, p in self._partials.items() if p.expiry <= now]
         for k in expired:
             del self._partials[k]
+            self._recoverable.pop(k, None)
         if expired:
             self.drops["reassembly_timeout"] += len(expired)
 

@@ -46,6 +46,8 @@ class DataplaneIO:
             data, addr, segment = got
             dp.udp_datagram(data, addr, now, segment)
             n += 1
+        if n:
+            dp.udp_burst_done(now)
         return n
 
     def emit(self) -> None:

@@ -148,9 +148,13 @@ def test_parity_rebuilds_any_one_missing_piece(length):
     for lost in range(len(data)):
         reassembly = Reassembly()
         arrivals = [parity] + [d for i, d in enumerate(data) if i != lost]
-        random.Random(lost).shuffle(arrivals)
         results = [reassembly.add(B.parse_fragment(d), "x", 0.0) for d in arrivals]
-        assert results[-1] == message and reassembly.recovered == 1
+        if lost == len(data) - 1:  # the last piece lost: rebuilt once the read burst is over
+            assert results == [None] * len(arrivals)
+            assert reassembly.recover_pending() == [("x", message)]
+        else:  # the last piece is here, so the missing one is lost: rebuilt at once
+            assert results[-1] == message and reassembly.recover_pending() == []
+        assert reassembly.recovered == 1
 
 
 def test_two_missing_pieces_cannot_be_rebuilt_and_late_parity_is_ignored():
@@ -161,11 +165,20 @@ def test_two_missing_pieces_cannot_be_rebuilt_and_late_parity_is_ignored():
     parity = next(f for f in fragments if f.parity)
     reassembly = Reassembly()
     assert all(reassembly.add(f, "x", 0.0) is None for f in [parity, *data[2:]])
+    assert reassembly.recover_pending() == []
     reassembly.expire(10.0)
     assert reassembly.drops["reassembly_timeout"] == 1
     clean = Reassembly()
     assert [clean.add(f, "x", 0.0) for f in data][-1] == message
     assert clean.add(parity, "x", 0.0) is None and len(clean) == 0
+
+
+def test_parity_before_the_last_piece_does_not_trigger_a_rebuild():
+    message = bytes(random.Random(6).randbytes(8000))
+    buffer, segment = B.encode_fragments(message, 8, 1472, parity=True)
+    reassembly = Reassembly()
+    results = [reassembly.add(B.parse_fragment(buffer[i : i + segment]), "x", 0.0) for i in range(0, len(buffer), segment)]
+    assert results[-1] == message and reassembly.recover_pending() == [] and reassembly.recovered == 0
 
 
 def test_gro_train_with_parity_is_joined():

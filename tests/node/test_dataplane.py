@@ -168,8 +168,8 @@ def test_firewall_blocks_then_conntrack_lets_replies_back():
     assert finished_packets(pair.a.tun.written) == [synack]
 
 
-def test_retransmission_halves_the_cap_and_clean_traffic_grows_it_back():
-    pair = Pair(max_cap=16)
+def test_without_parity_a_retransmission_halves_the_cap_and_clean_traffic_grows_it_back():
+    pair = Pair(max_cap=16, parity="never")
     pair.establish()
     mss = 1380
     pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1, os.urandom(mss * 16), partial=True), mss))
@@ -250,5 +250,6 @@ def test_parity_turns_on_when_loss_is_seen():
     pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1 + mss * 4, os.urandom(mss * 4), partial=True), mss))
     pair.run()
     assert path_status() and pair.a.dataplane.stats["parity_sent"] == 1
+    assert pair.a.dataplane.paths[ipaddress.ip_address(B_IP)].cap == 16  # parity first, not smaller messages
     pair.now += 11.0
     assert not path_status()
