@@ -8,6 +8,8 @@ Endpoints (paths as the app sees them, i.e. after a strip-mode gateway removed i
 - ``GET /whoami``         JSON: app name, path, headers and cookies as received
 - ``GET /login``          302 to ``/home`` (absolute path) setting ``session=...; Path=/``
 - ``GET /login-absolute`` 302 to ``http://<Host>/home`` (absolute URL built from Host)
+- ``GET /redirect?to=L``   302 to exactly ``L``
+- ``GET /cookies?path=P&path=Q``  one ``Set-Cookie`` per path (empty: no ``Path`` attribute)
 - ``GET /home``           JSON: ``{"page": "home", "session": <cookie or null>}``
 - ``GET /download?size=N&chunk=C&delay=S``  N bytes of a repeating pattern, C per write, S seconds between
 - ``POST /upload``        JSON: ``{"bytes": n, "sha256": ...}`` of the request body (streamed, any size)
@@ -138,6 +140,12 @@ class WebApp:
                 "Location": f"http://{host}{base}/home",
                 "Set-Cookie": f"session={self.name}-abs; Path=/",
             }, b"")
+        if path == "/redirect":  # any Location, as apps write them
+            return await _respond(writer, 302, {"Location": query.get("to", "/")}, b"")
+        if path == "/cookies":  # one Set-Cookie per ?path= ("" = no Path attribute)
+            paths = parse_qs(url.query, keep_blank_values=True).get("path", [])
+            values = [f"c{i}=v{i}" + (f"; Path={p}" if p else "") + "; HttpOnly" for i, p in enumerate(paths)]
+            return await _respond(writer, 200, {"Set-Cookie": values}, b"cookies set\n")
         if path == "/home":
             session = cookies["session"].value if "session" in cookies else None
             body = json.dumps({"page": "home", "app": self.name, "session": session}).encode()
@@ -256,13 +264,15 @@ async def _consume_body(reader: asyncio.StreamReader, headers: dict[str, str]) -
     return count, digest.hexdigest()
 
 
-def _head(status: int, headers: dict[str, str]) -> bytes:
+def _head(status: int, headers: dict[str, str | list[str]]) -> bytes:
+    """Status line and headers; a list value is sent as one header line per item."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
+    for k, v in headers.items():
+        lines += [f"{k}: {item}" for item in (v if isinstance(v, list) else [v])]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, headers: dict[str, str], body: bytes) -> None:
+async def _respond(writer: asyncio.StreamWriter, status: int, headers: dict[str, str | list[str]], body: bytes) -> None:
     headers = {**headers, "Content-Length": str(len(body))}
     writer.write(_head(status, headers) + body)
     await writer.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 import pytest
 from websockets.sync.client import connect as ws_connect
@@ -40,6 +41,39 @@ def test_pages_redirect_and_cookie_under_the_prefix(site):
     # An absolute redirect built from the Host header keeps the gateway's host and gains the prefix.
     status, headers, _ = site.lan_request("GET", "/web/login-absolute")
     assert status == 302 and headers["location"] == [f"http://{GATEWAY_LAN}/web/home"]
+
+
+LOCATION_REWRITES = [
+    ("/x?a=1", "/web/x?a=1"),
+    ("/", "/web/"),
+    ("/web/already", "/web/already"),  # the app read X-Forwarded-Prefix
+    ("relative/x", "relative/x"),
+    (f"http://{GATEWAY_LAN}/x", f"http://{GATEWAY_LAN}/web/x"),
+    (f"http://{GATEWAY_LAN}", f"http://{GATEWAY_LAN}/web/"),
+    (f"http://{APP_A}:{APP_PORT}/x", f"http://{GATEWAY_LAN}/web/x"),  # the backend's own address
+    (f"//{GATEWAY_LAN}/x", f"//{GATEWAY_LAN}/web/x"),
+    ("http://elsewhere.example/x", "http://elsewhere.example/x"),
+    ("https://elsewhere.example/", "https://elsewhere.example/"),
+]
+
+
+def test_strip_mode_rewrites_locations(site):
+    site.admin().upsert(WEB)
+    for location, expected in LOCATION_REWRITES:
+        status, headers, _ = site.lan_request("GET", "/web/redirect?" + urlencode({"to": location}))
+        assert status == 302 and headers["location"] == [expected], location
+
+
+def test_strip_mode_rewrites_cookie_paths(site):
+    site.admin().upsert(WEB)
+    status, headers, _ = site.lan_request("GET", "/web/cookies?path=/&path=/a/b&path=&path=/web/x")
+    assert status == 200
+    assert headers["set-cookie"] == [
+        "c0=v0; Path=/web; HttpOnly",
+        "c1=v1; Path=/web/a/b; HttpOnly",
+        "c2=v2; HttpOnly",
+        "c3=v3; Path=/web/x; HttpOnly",
+    ]
 
 
 def test_forwarded_headers_and_exact_upstream_uri(site):
