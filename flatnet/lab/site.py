@@ -51,6 +51,7 @@ from flatnet.netns import NETNS_DIR, Namespace, list_namespaces
 
 APP_START_TIMEOUT = 10.0
 NODE_START_TIMEOUT = 20.0
+NODE_SETTLE_TIME = 3.0
 ROUTE_WAIT_TIMEOUT = 15.0  # a node pushes its containers' routes once the gateway answers
 GATEWAY_START_TIMEOUT = 20.0
 CHROMIUM_FLAGS = (
@@ -228,16 +229,23 @@ class Lab:
         self.state.save(manifest)
 
     def _wait_for_node(self, record: ProcessRecord, stack: wsl.WslStack) -> str | None:
-        """None once the node logs that it is ready, else what went wrong."""
+        """None once the node is up, else what went wrong.
+
+        Up: its control socket answers ``ping`` and it has logged that it is ready (all components
+        started) — or, should that message change, it has kept answering for a few seconds.
+        """
         deadline = time.monotonic() + NODE_START_TIMEOUT
         log = Path(record.log)
+        answering_since: float | None = None
         while True:
             text = log.read_text(errors="replace") if log.exists() else ""
-            if " ready on " in text and stack.control_socket.exists():
-                return None
             if not record.alive():
                 lines = text.strip().splitlines()
                 return f"exited: {lines[-1] if lines else 'no output'}"
+            if wsl.control_ping(stack.control_socket):
+                answering_since = answering_since or time.monotonic()
+                if " ready on " in text or time.monotonic() - answering_since > NODE_SETTLE_TIME:
+                    return None
             if time.monotonic() > deadline:
                 return f"not ready after {NODE_START_TIMEOUT:.0f} s"
             time.sleep(0.05)

@@ -11,7 +11,9 @@ the Windows host's WSL-facing admin address.
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +68,19 @@ def issue_certificates(state_dir: Path, topology: Topology) -> Path:
         if result.returncode != 0:
             raise UserError(f"{' '.join(argv[3:5])} failed: {(result.stderr or result.stdout).strip()[-300:]}")
     return pki
+
+
+def control_ping(socket_path: Path, timeout: float = 1.0) -> bool:
+    """Does the node's control socket answer ``{"cmd": "ping"}`` (one JSON object per line)?"""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(socket_path))
+            sock.sendall(b'{"cmd": "ping"}\n')
+            answer = sock.makefile("rb").readline()
+        return bool(json.loads(answer).get("ok"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class WslStack:
