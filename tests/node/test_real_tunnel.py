@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from flatnet.netns import veth
 from flatnet.testing.markers import needs_root, require_tools
 from flatnet.testing.tunnel_pair import FLATNET, build_underlay, start_node, write_pki_and_configs
 
@@ -128,3 +129,24 @@ def test_restart_reestablishes_the_tunnel(hosts):
     finally:
         node_a.stop()
         node_b.stop()
+
+
+def test_foreign_source_is_masqueraded_so_the_gateway_reaches_remote_containers(hosts, netns_factory):
+    """Traffic entering host A from outside Flatnet (the Windows host's gateway) reaches host B: the
+    entry node forwards it and rewrites the source to its own Flatnet IP, which B accepts."""
+    a, b, configs = hosts
+    windows = netns_factory("windows")
+    veth(windows, "eth0", a, "win0")
+    windows.add_address("eth0", "172.30.0.2/24")
+    a.add_address("win0", "172.30.0.1/24")
+    windows.add_route("10.87.0.0/16", gateway="172.30.0.1")
+    node_a, node_b = start_node(a, configs["a"]), start_node(b, configs["b"])
+    try:
+        ping = windows.run(["ping", "-c", "2", "-W", "5", FLATNET["b"]], check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        out_a = node_a.stop()
+        node_b.stop()
+    status = json.loads(out_a.strip().splitlines()[-1])
+    assert status["peers"][FLATNET["b"]]["rx_packets"] >= 2
+    assert "flatnet_flatnet0" not in a.run(["nft", "list", "tables"]).stdout  # removed on shutdown
