@@ -1,0 +1,672 @@
+"""Between the tunnel engine and the sockets: a peer's paths, probes and relay framing.
+
+``PathMux`` is the (clock-free, socket-free) glue that lets one :class:`TunnelEngine` use Graceful
+Escalation (``flatnet/escalation.py``); :class:`RelayStreamConnection` and :class:`PathIO` are
+its asyncio edge.
+
+How the engine is fooled, on purpose
+------------------------------------
+The engine treats addresses as opaque and sends each peer's datagrams to one endpoint. The mux
+gives it one *virtual endpoint* per peer, ``("peer", "10.87.2.1")``, and decides for every
+datagram addressed there which real path carries it: the path the peer's
+:class:`~flatnet.escalation.PathSelector` says (a UDP address, or a relay session over UDP or
+TCP). Handshake messages (initiation, response, cookie reply: rare and small) go out on *every*
+path at once, so a tunnel comes up over whichever path works first and never waits for discovery.
+Datagrams arriving on any known path of a peer are handed to the engine as coming from the
+virtual endpoint, so the engine's own roaming never fights the selector; a datagram from an
+address nobody announced is handed over with its real address (a peer we do not know yet) and
+answered there.
+
+Probes (``flatnet/proto/path_probe.py``) are demultiplexed here before the engine sees anything:
+an authenticated PING is answered with a PONG on the path it came by, and if it came from an
+address that is not yet a candidate of that peer, the address becomes one (the peer roamed, or
+punched from a port the lighthouse never saw) - confirmed only by our own PINGs to it.
+
+Relay paths: a :class:`RelayRoute` (transport, relay endpoint, session id). Tunnel datagrams are
+wrapped in DATA frames (``flatnet/proto/relay.py``); the session is (re)bound every
+``rebind_interval`` seconds with the token from the lighthouse's ``RelayOffer``.
+
+Outputs are :class:`Transmit` values: UDP datagrams to an address, or frames for the TCP
+connection to a relay (the I/O layer adds the length prefix). Bad input is dropped and counted in
+``counters``; nothing from the network raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flatnet.escalation import EscalationSettings, Path, PathChanged, PathSelector, Rung
+from flatnet.proto.events import PeerUp
+from flatnet.proto.header import MessageType
+from flatnet.proto.path_probe import (
+    KIND_PING,
+    KIND_PONG,
+    PathProbeError,
+    check_path_probe,
+    derive_probe_key,
+    encode_path_probe,
+    is_path_probe,
+    parse_path_probe,
+)
+from flatnet.proto.relay import (
+    TYPE_BIND,
+    TYPE_BIND_ACK,
+    TYPE_DATA,
+    RelayFrameError,
+    StreamFrameDecoder,
+    encode_relay_frame,
+    encode_stream_frame,
+    parse_relay_frame,
+)
+
+log = logging.getLogger("flatnet.node.paths")
+
+UDP = "udp"
+TCP = "tcp"
+_HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INITIATION, MessageType.HANDSHAKE_RESPONSE, MessageType.COOKIE_REPLY})
+_RFC1918 = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+
+def is_lan_address(addr) -> bool:
+    """RFC 1918 private address: a peer there is on our LAN (or a LAN we route to), not behind a NAT."""
+    try:
+        ip = ip_address(addr[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in _RFC1918) if ip.version == 4 else False
+
+
+def virtual_endpoint(peer_ip) -> tuple[str, str]:
+    return ("peer", str(peer_ip))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRoute:
+    """The address of a relay path: one session on one relay over one transport."""
+
+    transport: str  # UDP | TCP
+    relay: tuple[str, int]
+    session_id: bytes
+
+    def __str__(self) -> str:
+        return f"{self.transport}://{self.relay[0]}:{self.relay[1]}/{self.session_id.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    data: bytes  # a UDP datagram, or (TCP) one relay frame without its length prefix
+    transport: str  # UDP | TCP
+    addr: tuple[str, int]
+
+
+class RelaySessionBinding:
+    """One relay session of a peer. A session's side is bound to one address at a time, so the
+    node binds it over one transport: UDP while the relay acknowledges UDP BINDs, else TCP, with a
+    trial UDP BIND every ``udp_retry_interval`` seconds to come back when UDP works again."""
+
+    __slots__ = ("session_id", "side", "token", "routes", "transport", "unacked", "next_bind_at",
+                 "next_udp_trial_at", "acked_at")
+
+    def __init__(self, session_id: bytes, side: int, token: bytes, routes: dict[str, RelayRoute], now: float) -> None:
+        self.session_id = session_id
+        self.side = side
+        self.token = token
+        self.routes = routes  # transport -> route
+        self.transport = UDP if UDP in routes else TCP
+        self.unacked = 0  # BINDs on the current transport without a BIND_ACK since
+        self.next_bind_at = now
+        self.next_udp_trial_at: float | None = None
+        self.acked_at: float | None = None
+
+
+class PeerPaths:
+    """One peer: its selector, its probe key, its relay bindings."""
+
+    def __init__(self, ip: IPv4Address, selector: PathSelector) -> None:
+        self.ip = ip
+        self.selector = selector
+        self.probe_key: bytes | None = None
+        self.relays: dict[bytes, RelaySessionBinding] = {}  # session id -> binding
+
+
+class PathMux:
+    def __init__(
+        self,
+        engine,
+        static_key: X25519PrivateKey,
+        settings: EscalationSettings | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        rebind_interval: float = 5.0,
+        unacked_rebind_interval: float = 1.0,
+        udp_failover_after: int = 3,
+        udp_retry_interval: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.own_ip = engine.certificate.ip.ip
+        self._static_key = static_key
+        self.settings = settings or EscalationSettings()
+        self._random_bytes = random_bytes
+        self.rebind_interval = rebind_interval
+        self.unacked_rebind_interval = unacked_rebind_interval
+        self.udp_failover_after = udp_failover_after
+        self.udp_retry_interval = udp_retry_interval
+        self.peers: dict[IPv4Address, PeerPaths] = {}
+        self._by_address: dict[object, IPv4Address] = {}  # UDP address or RelayRoute -> peer
+        self._out: list[Transmit] = []
+        self._path_events: list[tuple[IPv4Address, PathChanged]] = []
+        self.counters: Counter[str] = Counter()
+
+    # ---- configuration (from config, lighthouse answers, punch notices, relay offers) -----
+
+    def add_peer(self, peer_ip, now: float, subnets=()) -> PeerPaths:
+        ip = IPv4Address(peer_ip)
+        peer = self.peers.get(ip)
+        if peer is None:
+            selector = PathSelector(self.settings, self._random_bytes, now)
+            peer = self.peers[ip] = PeerPaths(ip, selector)
+            self.engine.add_peer(ip, [virtual_endpoint(ip)], subnets)
+        return peer
+
+    def add_candidate(self, peer_ip, addr, now: float, rung: Rung | None = None) -> None:
+        """A direct UDP address of the peer. *rung*: DIRECT_LAN for a private address by default."""
+        peer = self.add_peer(peer_ip, now)
+        addr = (str(addr[0]), int(addr[1]))
+        if rung is None:
+            rung = Rung.DIRECT_LAN if is_lan_address(addr) else Rung.PUNCHED
+        owner = self._by_address.get(addr)
+        if owner is not None and owner != peer.ip:
+            self.counters["candidate-claimed-by-other-peer"] += 1
+            return
+        self._by_address[addr] = peer.ip
+        if peer.selector.add_path(Path(rung, addr), now):
+            self._drain_selector(peer)
+
+    def punch(self, peer_ip, endpoints, now: float) -> None:
+        """The lighthouse says *peer_ip* is trying to reach us at *endpoints*: probe them all now
+        (the PINGs are the punch: our NAT opens a mapping towards each)."""
+        for i, endpoint in enumerate(endpoints):
+            self.add_candidate(peer_ip, endpoint, now, None if i else self._observed_rung(endpoint))
+        self.peers[IPv4Address(peer_ip)].selector.probe_now(now)
+
+    @staticmethod
+    def _observed_rung(endpoint) -> Rung:
+        return Rung.DIRECT_LAN if is_lan_address(endpoint) else Rung.PUNCHED
+
+    def add_relay(self, peer_ip, session_id: bytes, side: int, token: bytes, relays, now: float) -> RelaySessionBinding:
+        """A relay session the lighthouse granted (``RelayOffer``); *relays*: ``(transport,
+        (host, port))`` pairs of one relay (its UDP and/or TCP endpoint)."""
+        peer = self.add_peer(peer_ip, now)
+        routes = {}
+        for transport, relay in relays:
+            if transport not in (UDP, TCP):
+                raise ValueError(f"unknown relay transport {transport!r}")
+            routes[transport] = RelayRoute(transport, (str(relay[0]), int(relay[1])), bytes(session_id))
+        if not routes:
+            raise ValueError("a relay session needs at least one relay endpoint")
+        binding = RelaySessionBinding(bytes(session_id), side, bytes(token), routes, now)
+        peer.relays[binding.session_id] = binding
+        for route in routes.values():
+            self._by_address[route] = peer.ip
+        self._bind(binding, binding.transport, now)
+        for route in routes.values():
+            if peer.selector.add_path(self._relay_path(route), now):
+                self._drain_selector(peer)
+        return binding
+
+    @staticmethod
+    def _relay_path(route: RelayRoute) -> Path:
+        return Path(Rung.UDP_RELAY if route.transport == UDP else Rung.TCP_RELAY, route)
+
+    def set_peer_key(self, peer_ip, public_key: bytes, now: float) -> None:
+        peer = self.add_peer(peer_ip, now)
+        key = derive_probe_key(self._static_key, self.own_ip, public_key, peer.ip)
+        if key != peer.probe_key:
+            peer.probe_key = key
+            peer.selector.probe_now(now)
+
+    def underlay_changed(self, now: float) -> None:
+        """Our own address changed (roaming): re-bind relays and re-probe every path at once."""
+        for peer in self.peers.values():
+            for binding in peer.relays.values():
+                binding.next_bind_at = now
+                binding.acked_at = None
+                binding.unacked = 0
+            peer.selector.underlay_changed(now)
+            self._drain_selector(peer)
+
+    # ---- engine events pass through here ----------------------------------------------------
+
+    def next_event(self, now: float):
+        """The engine's next event (use this instead of ``engine.next_event``): a PeerUp sets the
+        peer's probe key from its certificate."""
+        event = self.engine.next_event()
+        if isinstance(event, PeerUp):
+            self.set_peer_key(event.peer_ip, event.certificate.public_key, now)
+        return event
+
+    def next_path_event(self) -> tuple[IPv4Address, PathChanged] | None:
+        return self._path_events.pop(0) if self._path_events else None
+
+    # ---- input ----------------------------------------------------------------------------
+
+    def receive_udp(self, data: bytes, addr, now: float) -> None:
+        addr = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else addr
+        if is_path_probe(data):
+            self._receive_probe(data, addr, None, now)
+            return
+        peer_ip = self._by_address.get(addr)
+        if peer_ip is None:
+            self.counters["rx.unknown-address"] += 1
+            self.engine.receive_datagram(data, addr, now)
+        else:
+            peer = self.peers[peer_ip]
+            peer.selector.record_received(Path(self._rung_of(peer, addr), addr), len(data))
+            self.engine.receive_datagram(data, virtual_endpoint(peer_ip), now)
+        self._pull_engine(now)
+
+    def receive_relay_frame(self, frame: bytes, transport: str, relay, now: float) -> None:
+        """One relay frame (a UDP datagram from the relay, or a frame from the TCP stream)."""
+        try:
+            parsed = parse_relay_frame(frame)
+        except RelayFrameError as exc:
+            self.counters[f"relay.drop.{exc.reason}"] += 1
+            return
+        route = RelayRoute(transport, (str(relay[0]), int(relay[1])), parsed.session_id)
+        peer_ip = self._by_address.get(route)
+        if peer_ip is None:
+            self.counters["relay.drop.unknown-session"] += 1
+            return
+        peer = self.peers[peer_ip]
+        binding = peer.relays.get(route.session_id)
+        if binding is None or binding.routes.get(transport) != route:
+            self.counters["relay.drop.unknown-route"] += 1
+            return
+        if parsed.type == TYPE_BIND_ACK:
+            self.counters["relay.bind-ack"] += 1
+            binding.acked_at = now
+            if transport == binding.transport:
+                binding.unacked = 0
+            elif transport == UDP:  # a trial UDP BIND came back: UDP works again, and the
+                binding.transport = UDP  # relay now forwards to our UDP address
+                binding.unacked = 0
+                binding.next_udp_trial_at = None
+                binding.next_bind_at = now + self.rebind_interval
+                self.counters["relay.back-to-udp"] += 1
+                peer.selector.probe_now(now)
+            return
+        if parsed.type != TYPE_DATA:
+            self.counters["relay.drop.unexpected-type"] += 1
+            return
+        if is_path_probe(parsed.body):
+            self._receive_probe(parsed.body, None, route, now)
+            return
+        rung = Rung.UDP_RELAY if transport == UDP else Rung.TCP_RELAY
+        peer.selector.record_received(Path(rung, route), len(parsed.body))
+        self.engine.receive_datagram(parsed.body, virtual_endpoint(peer_ip), now)
+        self._pull_engine(now)
+
+    def _rung_of(self, peer: PeerPaths, addr) -> Rung:
+        for rung in (Rung.DIRECT_LAN, Rung.PUNCHED):
+            if peer.selector.state(Path(rung, addr)) is not None:
+                return rung
+        return Rung.PUNCHED
+
+    def _receive_probe(self, data: bytes, addr, route: RelayRoute | None, now: float) -> None:
+        try:
+            probe = parse_path_probe(data)
+        except PathProbeError as exc:
+            self.counters[f"probe.drop.{exc.reason}"] += 1
+            return
+        peer = self.peers.get(probe.sender)
+        if peer is None or peer.probe_key is None:
+            self.counters["probe.drop.unknown-sender"] += 1
+            return
+        if not check_path_probe(probe, peer.probe_key, self.own_ip):
+            self.counters["probe.drop.bad-mac"] += 1
+            return
+        if route is not None:
+            if self._by_address.get(route) != peer.ip:
+                self.counters["probe.drop.wrong-session"] += 1
+                return
+            path = Path(Rung.UDP_RELAY if route.transport == UDP else Rung.TCP_RELAY, route)
+        else:
+            path = Path(self._rung_of(peer, addr), addr)
+        if probe.kind == KIND_PING:
+            self.counters["probe.ping-received"] += 1
+            pong = encode_path_probe(KIND_PONG, self.own_ip, peer.ip, probe.nonce, peer.probe_key)
+            self._emit(peer, path, pong, now)
+            if route is None and self._by_address.get(addr) is None:
+                self.counters["probe.new-address"] += 1
+                self.add_candidate(peer.ip, addr, now)
+        elif probe.kind == KIND_PONG:
+            if peer.selector.pong_received(path, probe.nonce, now):
+                self.counters["probe.pong-accepted"] += 1
+            self._drain_selector(peer)
+
+    # ---- time -----------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        self.engine.handle_timer(now)
+        for peer in self.peers.values():
+            self._tick_peer(peer, now)
+        self._pull_engine(now)
+
+    def _tick_peer(self, peer: PeerPaths, now: float) -> None:
+        for probe in peer.selector.tick(now):
+            if peer.probe_key is None:
+                self.counters["probe.no-key"] += 1
+                continue
+            ping = encode_path_probe(KIND_PING, self.own_ip, peer.ip, probe.nonce, peer.probe_key)
+            self._emit(peer, probe.path, ping, now)
+        for binding in peer.relays.values():
+            self._tick_binding(peer, binding, now)
+        self._drain_selector(peer)
+
+    def _tick_binding(self, peer: PeerPaths, binding: RelaySessionBinding, now: float) -> None:
+        if (
+            binding.transport == UDP
+            and TCP in binding.routes
+            and binding.unacked >= self.udp_failover_after
+            and now >= binding.next_bind_at
+        ):
+            binding.transport = TCP  # UDP to the relay is blocked: bind over TCP
+            binding.unacked = 0
+            binding.next_udp_trial_at = now + self.udp_retry_interval
+            self.counters["relay.failover-to-tcp"] += 1
+            peer.selector.probe_now(now)
+        if now >= binding.next_bind_at:
+            self._bind(binding, binding.transport, now)
+        if binding.next_udp_trial_at is not None and now >= binding.next_udp_trial_at:
+            binding.next_udp_trial_at = now + self.udp_retry_interval
+            self._bind(binding, UDP, now, trial=True)
+
+    def get_timer(self) -> float | None:
+        deadlines = [d for d in (self.engine.get_timer(),) if d is not None]
+        for peer in self.peers.values():
+            t = peer.selector.get_timer()
+            if t is not None:
+                deadlines.append(t)
+            for b in peer.relays.values():
+                deadlines.append(b.next_bind_at)
+                if b.next_udp_trial_at is not None:
+                    deadlines.append(b.next_udp_trial_at)
+        return min(deadlines) if deadlines else None
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def transmits(self, now: float) -> list[Transmit]:
+        self._pull_engine(now)
+        out, self._out = self._out, []
+        return out
+
+    def _pull_engine(self, now: float) -> None:
+        for data, addr in self.engine.datagrams_to_send():
+            if isinstance(addr, tuple) and len(addr) == 2 and addr[0] == "peer":
+                peer = self.peers.get(IPv4Address(addr[1]))
+            else:
+                peer_ip = self._by_address.get(addr)
+                peer = self.peers.get(peer_ip) if peer_ip is not None else None
+                if peer is None:  # a peer we do not know answered at its own address
+                    self._out.append(Transmit(data, UDP, addr))
+                    continue
+            if peer is None:
+                self.counters["tx.unknown-peer"] += 1
+                continue
+            if data and data[0] in _HANDSHAKE_TYPES:
+                for path in peer.selector.paths():
+                    self._emit(peer, path, data, now)
+                continue
+            path = peer.selector.current()
+            if path is None:
+                self.counters["tx.no-path"] += 1
+                continue
+            peer.selector.record_sent(len(data))
+            self._emit(peer, path, data, now)
+
+    def _emit(self, peer: PeerPaths, path: Path, data: bytes, now: float) -> None:
+        address = path.address
+        if isinstance(address, RelayRoute):
+            binding = peer.relays.get(address.session_id)
+            if binding is None:
+                self.counters["tx.relay-gone"] += 1
+                return
+            if address.transport != binding.transport:  # not bound that way: it cannot arrive
+                self.counters["tx.relay-dormant"] += 1
+                return
+            frame = encode_relay_frame(TYPE_DATA, binding.side, address.session_id, data)
+            self._out.append(Transmit(frame, address.transport, address.relay))
+        else:
+            self._out.append(Transmit(data, UDP, address))
+
+    def _bind(self, binding: RelaySessionBinding, transport: str, now: float, trial: bool = False) -> None:
+        route = binding.routes[transport]
+        frame = encode_relay_frame(TYPE_BIND, binding.side, route.session_id, binding.token)
+        self._out.append(Transmit(frame, route.transport, route.relay))
+        self.counters["relay.bind"] += 1
+        if trial:
+            return
+        binding.unacked += 1
+        # Unanswered BINDs are repeated quickly (and counted towards failing over to TCP).
+        interval = self.rebind_interval if binding.unacked <= 1 else self.unacked_rebind_interval
+        binding.next_bind_at = now + interval
+
+    def _drain_selector(self, peer: PeerPaths) -> None:
+        while (event := peer.selector.next_event()) is not None:
+            log.info("peer %s: %s -> %s (%s)", peer.ip, event.old, event.new, event.reason)
+            self._path_events.append((peer.ip, event))
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, dict]:
+        out = {}
+        for ip, peer in self.peers.items():
+            sel = peer.selector
+            current = sel.current()
+            out[str(ip)] = {
+                "rung": current.rung.label if current is not None else None,
+                "path": str(current) if current is not None else None,
+                "confirmed": sel.confirmed,
+                "seconds": {r.label: round(v, 3) for r, v in sel.rung_seconds(now).items()},
+                "bytes_sent": {r.label: v for r, v in sel.bytes_sent.items()},
+                "bytes_received": {r.label: v for r, v in sel.bytes_received.items()},
+                "paths": len(sel.paths()),
+            }
+        return out
+
+
+# ==== asyncio edge ==============================================================================
+
+
+class RelayStreamConnection:
+    """One TCP connection to a relay, reconnecting with backoff; frames in and out.
+
+    ``send(frame)`` queues a frame (dropped and counted while disconnected: the tunnel retransmits
+    what matters); each complete frame received goes to ``on_frame(frame)``. ``on_connected``
+    runs after every (re)connect, so the owner can re-BIND at once.
+    """
+
+    def __init__(
+        self,
+        relay: tuple[str, int],
+        on_frame: Callable[[bytes], None],
+        on_connected: Callable[[], None] | None = None,
+        backoff: float = 0.5,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self.relay = relay
+        self.on_frame = on_frame
+        self.on_connected = on_connected
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.counters: Counter[str] = Counter()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"relay-tcp-{self.relay[0]}:{self.relay[1]}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def send(self, frame: bytes) -> None:
+        if self._writer is None:
+            self.counters["drop.disconnected"] += 1
+            return
+        if self._writer.transport.get_write_buffer_size() > 256 * 1024:
+            self.counters["drop.backlog"] += 1  # a stalled connection must not eat memory
+            return
+        self._writer.write(encode_stream_frame(frame))
+
+    async def _run(self) -> None:
+        delay = self.backoff
+        while True:
+            writer = None
+            try:
+                reader, writer = await asyncio.open_connection(*self.relay)
+                self._writer = writer
+                self.counters["connect"] += 1
+                delay = self.backoff
+                if self.on_connected is not None:
+                    self.on_connected()
+                decoder = StreamFrameDecoder()
+                while chunk := await reader.read(65536):
+                    for frame in decoder.feed(chunk):
+                        self.on_frame(frame)
+                self.counters["closed-by-relay"] += 1
+            except RelayFrameError:
+                self.counters["framing-error"] += 1
+            except OSError:
+                self.counters["connect-failed"] += 1
+            finally:
+                self._writer = None
+                if writer is not None:
+                    writer.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, io: PathIO) -> None:
+        self.io = io
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.io.udp_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.io.counters["udp.error"] += 1
+
+
+class PathIO:
+    """The asyncio edge of a :class:`PathMux`: one UDP socket (direct paths and UDP relays), a
+    TCP connection per TCP relay, one timer. ``on_event(event)`` gets the engine's events.
+
+    Relay addresses are recognised by source: a datagram from an address registered with
+    :meth:`add_relay_address` is a relay frame, anything else goes to the mux as a direct datagram.
+    """
+
+    def __init__(self, mux: PathMux, on_event: Callable[[object], None], clock: Callable[[], float]) -> None:
+        self.mux = mux
+        self.on_event = on_event
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._relay_udp: set[tuple[str, int]] = set()
+        self._relay_tcp: dict[tuple[str, int], RelayStreamConnection] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self, host: str, port: int) -> tuple:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(host, port))
+        self.flush()
+        return self._transport.get_extra_info("sockname")
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for conn in self._relay_tcp.values():
+            await conn.stop()
+        self._relay_tcp.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def add_relay_address(self, transport: str, relay) -> None:
+        relay = (str(relay[0]), int(relay[1]))
+        if transport == UDP:
+            self._relay_udp.add(relay)
+        elif relay not in self._relay_tcp:
+            conn = RelayStreamConnection(
+                relay,
+                on_frame=lambda frame, r=relay: self._relay_frame(frame, TCP, r),
+                on_connected=self._rebind_all,
+            )
+            self._relay_tcp[relay] = conn
+            conn.start()
+
+    def _rebind_all(self) -> None:
+        now = self.clock()
+        for peer in self.mux.peers.values():
+            for binding in peer.relays.values():
+                binding.next_bind_at = now
+        self._on_timer()
+
+    def udp_received(self, data: bytes, addr) -> None:
+        addr = (addr[0], addr[1])
+        if addr in self._relay_udp:
+            self._relay_frame(data, UDP, addr)
+            return
+        self.mux.receive_udp(data, addr, self.clock())
+        self.flush()
+
+    def _relay_frame(self, frame: bytes, transport: str, relay) -> None:
+        self.mux.receive_relay_frame(frame, transport, relay, self.clock())
+        self.flush()
+
+    def flush(self) -> None:
+        now = self.clock()
+        while (event := self.mux.next_event(now)) is not None:
+            self.on_event(event)
+        for tx in self.mux.transmits(now):
+            if tx.transport == UDP:
+                if self._transport is not None:
+                    self._transport.sendto(tx.data, tx.addr)
+            else:
+                conn = self._relay_tcp.get(tx.addr)
+                if conn is None:
+                    self.counters["tcp.no-connection"] += 1
+                else:
+                    conn.send(tx.data)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.mux.get_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, deadline - self.clock())
+        self._timer = loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.mux.handle_timer(self.clock())
+        self.flush()
