@@ -39,12 +39,14 @@ end
 local function links(route, host_no_port, scheme)
     local out = { '<a href="/' .. esc(route.name) .. '/">/' .. esc(route.name) .. "/</a>" }
     local domain = state.settings().domain
+    local port = ngx.var.server_port
+    local port_suffix = (port == "80" or port == nil) and "" or (":" .. port)
     if domain then
-        local url = scheme .. "://" .. route.name .. "." .. domain .. "/"
+        local url = scheme .. "://" .. route.name .. "." .. domain .. port_suffix .. "/"
         out[#out + 1] = '<a href="' .. esc(url) .. '">' .. esc(url) .. "</a>"
     end
     if route.host then
-        local url = scheme .. "://" .. route.host .. "/"
+        local url = scheme .. "://" .. route.host .. port_suffix .. "/"
         out[#out + 1] = '<a href="' .. esc(url) .. '">' .. esc(url) .. "</a>"
     end
     if route.port then
