@@ -2,7 +2,8 @@
 
 Loads the typed configuration, builds the tunnel engine from the lighthouse's own certificate and
 the team's CA, and serves discovery over UDP until SIGINT/SIGTERM. What is not here yet: the
-relay's UDP/TCP sockets (``lighthouse/relay_table.py`` is their logic), Prometheus export.
+Prometheus export. With ``[relay] serve = true`` a relay (``lighthouse/relay_service.py``) runs in
+the same process; with ``[relay] secret_file`` and ``advertise`` the lighthouse grants sessions.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def build_engine(config: LighthouseConfig):
 
 def build_core(config: LighthouseConfig) -> LighthouseCore:
     limits = config.limits
+    relays, secret = (), None
+    if config.relay.secret_file:
+        from lighthouse.relay_service import advertised_relays, load_relay_secret
+
+        secret = load_relay_secret(config.relay.secret_file)
+        relays = advertised_relays(config.relay)
     return LighthouseCore(
         LighthouseSettings(
             node_ttl=limits.node_ttl,
@@ -41,7 +48,9 @@ def build_core(config: LighthouseConfig) -> LighthouseCore:
             max_strangers=limits.max_strangers,
             rate=limits.rate,
             burst=limits.burst,
-        )
+        ),
+        relays=relays,
+        relay_secret=secret,
     )
 
 
@@ -50,6 +59,12 @@ async def serve(config: LighthouseConfig, engine) -> None:
 
     service = LighthouseService(engine, build_core(config), tick_interval=config.tick_interval)
     await service.start(config.listen_host, config.listen_port)
+    relay = None
+    if config.relay.serve:
+        from lighthouse.relay_service import build_relay_service, load_relay_secret
+
+        relay = build_relay_service(config.relay, load_relay_secret(config.relay.secret_file))
+        await relay.start(config.relay.listen_host, config.relay.udp_port, config.relay.tcp_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,6 +72,8 @@ async def serve(config: LighthouseConfig, engine) -> None:
     try:
         await stop.wait()
     finally:
+        if relay is not None:
+            await relay.stop()
         await service.stop()
 
 
@@ -68,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_lighthouse_config(args.config)
+        if config.relay.secret_file or config.relay.serve:  # a bad secret file: a message, now
+            from lighthouse.relay_service import load_relay_secret
+
+            load_relay_secret(config.relay.secret_file)
         engine = build_engine(config)
     except ConfigError as exc:
         print(f"flatnet-lighthouse: {exc}", file=sys.stderr)
