@@ -192,6 +192,21 @@ class GatewayAdminAdapter:
                 await result
 
 
+def route_problem(route: dict[str, Any]) -> str | None:
+    """Why the gateway would refuse *route* (its own rules, ``flatnet.gateway.routes``), or None.
+
+    A refused route must not reach the admin API: the whole sync would fail with it, and with it
+    every other container's route.
+    """
+    from flatnet.gateway.routes import Route, RouteError
+
+    try:
+        Route.from_json(route)
+    except (RouteError, ValueError, TypeError, KeyError) as exc:
+        return str(exc)
+    return None
+
+
 class GatewayPusher:
     """Keeps the gateway's routes for this node equal to the registry's.
 
@@ -212,12 +227,23 @@ class GatewayPusher:
         self.sync_generation = int(time.time() * 1000)
         self.pushes = 0
         self.failures = 0
+        self.refused: set[str] = set()  # route names the gateway's rules reject (never pushed)
         self._dirty = asyncio.Event()
         registry.subscribe(self._dirty.set)
 
     async def push_once(self, full: bool = False) -> None:
         """Bring the gateway up to date (raises on failure; the next push is then a full sync)."""
-        desired = self.registry.routes(self.owner)
+        desired = {}
+        refused = set()
+        for name, route in self.registry.routes(self.owner).items():
+            problem = route_problem(route)
+            if problem:
+                refused.add(name)
+                if name not in self.refused:
+                    log.warning("not publishing %s: %s", name, problem)
+            else:
+                desired[name] = route
+        self.refused = refused
         try:
             if full or self.published is None:
                 self.sync_generation += 1

@@ -58,11 +58,11 @@ async def test_pusher_syncs_first_then_sends_changes_and_heals_after_a_failure()
     pusher = GatewayPusher(registry, gateway, "wsl-a", resync_interval=3600, retry_interval=0.01)
     await pusher.push_once()
     assert gateway.calls == [("sync", pusher.sync_generation)]
-    registry.put(service_for("b", "api", ipaddress.IPv4Address("10.87.1.6"), {"flatnet.port": "8000"}, []))
+    registry.put(service_for("b", "shop", ipaddress.IPv4Address("10.87.1.6"), {"flatnet.port": "8000"}, []))
     registry.remove("a")
     await pusher.push_once()
-    assert gateway.calls[1:] == [("delete", "web"), ("upsert", "api")]
-    assert gateway.routes["api"]["backends"] == ["10.87.1.6:8000"]
+    assert gateway.calls[1:] == [("delete", "web"), ("upsert", "shop")]
+    assert gateway.routes["shop"]["backends"] == ["10.87.1.6:8000"]
 
     gateway.fail = 1
     registry.remove("b")
@@ -127,3 +127,13 @@ def test_labels_from_the_podman_run_command_line():
     assert labels_from_podman_argv(["podman", "run", "--label-file", "f", "img"]) is None
     assert labels_from_podman_argv(["crun", "run"]) is None
     assert labels_from_podman_argv([]) is None
+
+
+async def test_a_route_the_gateway_would_refuse_is_skipped_not_fatal():
+    registry = ServiceRegistry()
+    registry.put(service_for("a", "api", IP, {}, []))  # "api" is reserved by the gateway
+    registry.put(service_for("b", "web", ipaddress.IPv4Address("10.87.1.6"), {}, []))
+    gateway = FakeAdminClient()
+    pusher = GatewayPusher(registry, gateway, "wsl-a")
+    await pusher.push_once()
+    assert list(gateway.routes) == ["web"] and pusher.refused == {"api"}
