@@ -5,7 +5,7 @@
 For each tunnel: single-flow iperf3 TCP throughput (``--seconds`` per run, ``--repeats`` runs),
 ping RTT, and the tunnel daemons' CPU seconds per GB carried (both sides, from /proc), first on a
 clean veth and then with 1% random loss on each side's input (nftables ``numgen random mod 100 < 1
-drop``). Loss is per datagram: UDP segmentation offload is turned off on the veth (ethtool) for
+drop``), the tunnels measured round-robin so load changes hit all alike. Loss is per datagram: UDP segmentation offload is turned off on the veth (ethtool) for
 the "1% loss/datagram" runs, or a GSO train would count as one packet; "1% loss/skb" keeps the
 offload on, as the plain nftables rule behaves (only Flatnet sends GSO trains, so it is the only one
 that condition treats differently). Medians; ratios to Nebula.
@@ -269,28 +269,36 @@ def set_loss(namespaces, percent: int, udp_segmentation: bool = True) -> None:
             ns.run(["nft", "-f", "-"], input=rules)
 
 
-def measure(tunnel: Tunnel, a, b, seconds: float, repeats: int, conditions: list[str]) -> dict:
-    results = {}
+def measure_all(setups: list, seconds: float, repeats: int, conditions: list[str]) -> dict:
+    """Round-robin: each repeat runs every tunnel once, so a change in the machine's load (it is
+    shared) hits all of them alike and the ratios stay fair."""
+    results: dict = {tunnel.name: {} for tunnel, _, _ in setups}
     for key in conditions:
         loss, segmentation = CONDITIONS[key]
-        set_loss((a, b), loss, segmentation)
-        rates, cpu_per_gb = [], []
+        samples = {tunnel.name: ([], []) for tunnel, _, _ in setups}
+        for _tunnel, a, b in setups:
+            set_loss((a, b), loss, segmentation)
         for _ in range(repeats):
-            pids = tunnel.pids()
-            cpu0 = cpu_seconds(pids)
-            bps, nbytes = iperf(a, b, tunnel.target, seconds)
-            cpu1 = cpu_seconds(pids)
-            rates.append(bps / 1e6)
-            if nbytes:
-                cpu_per_gb.append((cpu1 - cpu0) / (nbytes / 1e9))
-        rtt = ping_rtt(a, tunnel.target)
-        results[key] = {
-            "mbps": statistics.median(rates),
-            "runs": [round(r) for r in rates],
-            "cpu_s_per_gb": statistics.median(cpu_per_gb) if cpu_per_gb else None,
-            "rtt_ms": rtt,
-        }
-    set_loss((a, b), 0)
+            for tunnel, a, b in setups:
+                rates, cpu_per_gb = samples[tunnel.name]
+                pids = tunnel.pids()
+                cpu0 = cpu_seconds(pids)
+                bps, nbytes = iperf(a, b, tunnel.target, seconds)
+                cpu1 = cpu_seconds(pids)
+                rates.append(bps / 1e6)
+                if nbytes:
+                    cpu_per_gb.append((cpu1 - cpu0) / (nbytes / 1e9))
+        for tunnel, a, _b in setups:
+            rates, cpu_per_gb = samples[tunnel.name]
+            results[tunnel.name][key] = {
+                "mbps": statistics.median(rates),
+                "runs": [round(r) for r in rates],
+                "cpu_s_per_gb": statistics.median(cpu_per_gb) if cpu_per_gb else None,
+                "rtt_ms": ping_rtt(a, tunnel.target),
+            }
+        print(f"{key}: done", file=sys.stderr, flush=True)
+    for _tunnel, a, b in setups:
+        set_loss((a, b), 0)
     return results
 
 
@@ -307,22 +315,24 @@ def main(argv=None) -> int:
     wanted = args.only.split(",")
     options = dict(item.split("=", 1) for item in args.flatnet)
     tunnels = [t for t in (FlatnetTunnel(options), NebulaTunnel(), WireguardGoTunnel()) if t.name in wanted]
-    results = {}
-    for tunnel in tunnels:
-        a = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-a")
-        b = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-b")
+    setups, started, namespaces = [], [], []
+    with tempfile.TemporaryDirectory() as work:
         try:
-            build_underlay(a, b)
-            with tempfile.TemporaryDirectory() as work:
+            for tunnel in tunnels:  # each tunnel between its own pair of namespaces, all up at once
+                a = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-a")
+                namespaces.append(a)
+                b = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-b")
+                namespaces.append(b)
+                build_underlay(a, b)
                 tunnel.start(a, b, Path(work))
-                try:
-                    print(f"{tunnel.name}: measuring ...", file=sys.stderr, flush=True)
-                    results[tunnel.name] = measure(tunnel, a, b, args.seconds, args.repeats, args.conditions.split(","))
-                finally:
-                    tunnel.stop()
+                started.append(tunnel)
+                setups.append((tunnel, a, b))
+            results = measure_all(setups, args.seconds, args.repeats, args.conditions.split(","))
         finally:
-            a.remove()
-            b.remove()
+            for tunnel in started:
+                tunnel.stop()
+            for ns in namespaces:
+                ns.remove()
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
