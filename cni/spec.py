@@ -154,6 +154,17 @@ def parse_cni_args(text: str) -> dict[str, str]:
     return out
 
 
+def valid_container_id(text: str) -> bool:
+    """SPEC.md "Parameters": alphanumeric, then alphanumerics, ``_``, ``.`` or ``-``."""
+    return text.isascii() and text[0].isalnum() and all(c.isalnum() or c in "_.-" for c in text)
+
+
+def valid_ifname(text: str) -> bool:
+    """What the kernel accepts (dev_valid_name): 1-15 bytes, no ``/``, ``:`` or whitespace, not . or .."""
+    return (0 < len(text.encode()) <= 15 and text not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in text))
+
+
 def parse_request(environ: Mapping[str, str], stdin: bytes, runtime_pid: int = 0) -> CniRequest:
     """Validate the environment and the configuration; raise :class:`CniError` with the spec's code."""
     from cni import jsonwire
@@ -190,6 +201,13 @@ def parse_request(environ: Mapping[str, str], stdin: bytes, runtime_pid: int = 0
     for key in required:
         if not environ.get(key):
             raise CniError(ERR_INVALID_ENV, f"missing environment variable {key}", f"{command} needs {key}")
+    container_id = environ.get("CNI_CONTAINERID", "")
+    if container_id and not valid_container_id(container_id):
+        raise CniError(ERR_INVALID_ENV, "invalid CNI_CONTAINERID",
+                       "expected an alphanumeric start then letters, digits, '_', '.' or '-'")
+    ifname = environ.get("CNI_IFNAME", "")
+    if ifname and not valid_ifname(ifname):
+        raise CniError(ERR_INVALID_ENV, "invalid CNI_IFNAME", f"not a Linux interface name: {ifname!r}")
     return CniRequest(
         command=command,
         container_id=environ.get("CNI_CONTAINERID", ""),
