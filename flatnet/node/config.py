@@ -26,6 +26,9 @@ Sections are owned by the part that uses them; every field has its default besid
     [gateway]
     admin_url = "http://172.20.0.1:8081"
     token_file = "/etc/flatnet/gateway.token"
+
+    [lighthouse]                   # discovery + Graceful Escalation (docs/escalation.md)
+    hosts = [{ ip = "10.87.255.1", endpoints = ["203.0.113.50:4242"] }]
 """
 
 from __future__ import annotations
@@ -89,6 +92,23 @@ class GatewayPushConfig:
 
 
 @dataclass(frozen=True)
+class LighthouseHost:
+    ip: ipaddress.IPv4Address  # the lighthouse's Flatnet IP (its certificate's)
+    endpoints: list[str] = field(default_factory=list)  # "host:port" public underlay addresses
+
+
+@dataclass(frozen=True)
+class NodeLighthouseConfig:
+    """Lighthouses to register with and query (all of them); with any, or with ``escalation``
+    set, peers' traffic goes through Graceful Escalation (flatnet/escalation.py)."""
+
+    hosts: list[LighthouseHost] = field(default_factory=list)
+    advertise: list[str] = field(default_factory=list)  # "host:port" LAN endpoints; []: listen_host if set
+    escalation: bool = False  # escalation for static peers even without lighthouses
+    relays: bool = True  # ask the lighthouses for relay sessions
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     control_socket: Path = Path("/run/flatnet/node.sock")
@@ -99,6 +119,7 @@ class NodeConfig:
     cni: CniConfig = field(default_factory=CniConfig)
     gateway: GatewayPushConfig = field(default_factory=GatewayPushConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)  # flatnet/firewall.py
+    lighthouse: NodeLighthouseConfig = field(default_factory=NodeLighthouseConfig)
 
 
 def load_node_config(path: str | Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
