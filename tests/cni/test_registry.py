@@ -137,3 +137,36 @@ async def test_a_route_the_gateway_would_refuse_is_skipped_not_fatal():
     pusher = GatewayPusher(registry, gateway, "wsl-a")
     await pusher.push_once()
     assert list(gateway.routes) == ["web"] and pusher.refused == {"api"}
+
+
+async def test_cni_service_registers_from_quick_labels_then_podmans_answer(tmp_path):
+    from cni.ipam import Lease
+    from flatnet.node.cni_service import CniService
+    from flatnet.node.config import NodeConfig
+
+    answer = asyncio.get_running_loop().create_future()
+
+    async def label_reader(container_id, podman_env):
+        return await answer
+
+    registry = ServiceRegistry()
+    service = CniService(NodeConfig(name="wsl-a"), registry, label_reader=label_reader)
+    lease = Lease("c" * 64, "eth0", name="web", port_mappings=[{"containerPort": 3000, "protocol": "tcp"}])
+    service._container_added(IP, lease, {"flatnet.name": "shop"})
+    assert [(s.name, s.port) for s in registry.services()] == [("shop", 3000)]  # at once, from the command line
+    answer.set_result({"flatnet.name": "shop", "flatnet.port": "8080"})  # the image adds a port label
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [(s.name, s.port) for s in registry.services()] == [("shop", 8080)]
+
+    slow = asyncio.get_running_loop().create_future()
+
+    async def never(container_id, podman_env):
+        return await slow
+
+    service.label_reader = never
+    service._container_added(IP, Lease("d" * 64, "eth0", name="db"))
+    service._container_removed("d" * 64)  # DEL before Podman answered: the lookup is cancelled
+    await asyncio.sleep(0)
+    assert [s.container_id for s in registry.services()] == ["c" * 64]
+    await service.stop()
