@@ -66,3 +66,18 @@ def test_podman_network_ls_shows_flatnet(tmp_path):
     assert "flatnet" in names
     (info,) = json.loads(env.podman(["network", "inspect", "flatnet"]).stdout)
     assert info["driver"] == "flatnet"
+
+
+def test_the_plugin_hot_path_imports_nothing_heavy():
+    """VERSION and the node-backed ADD must not pull in json/re/typing/enum/pyroute2 (start-up cost)."""
+    import sys as _sys
+    from pathlib import Path
+
+    repo = str(Path(cni_cli.__file__).resolve().parent.parent)
+    code = (f"import sys; sys.path.insert(0, {repo!r}); import cni.plugin, cni.spec, cni.jsonwire, _socket; "
+            "print(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([_sys.executable, "-IS", "-c", code], capture_output=True, text=True, timeout=30)
+    loaded = set(proc.stdout.split())
+    assert "cni.plugin" in loaded
+    heavy = {"json", "re", "typing", "enum", "dataclasses", "ipaddress", "socket", "asyncio", "pyroute2"}
+    assert not heavy & loaded

@@ -5,6 +5,8 @@ import multiprocessing
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cni.ipam import AddressesExhausted, AddressPool, Lease
 
@@ -110,3 +112,25 @@ def test_parallel_processes_never_get_one_address_twice(tmp_path):
     leased = AddressPool(tmp_path, "flatnet", ipaddress.IPv4Network("10.87.1.0/24")).leases()
     assert {str(a) for a in leased} == set(flat)
     assert os.path.exists(tmp_path / "flatnet" / "lock")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "del"]), st.integers(0, 7)), max_size=40))
+def test_any_sequence_keeps_one_holder_per_address_and_one_address_per_container(tmp_path_factory, ops):
+    p = AddressPool(tmp_path_factory.mktemp("ipam"), "flatnet", SUBNET)
+    holding: dict[str, ipaddress.IPv4Address] = {}
+    for op, n in ops:
+        cid = f"c{n}"
+        if op == "add":
+            try:
+                address = p.allocate(Lease(cid, "eth0"))
+            except AddressesExhausted:
+                assert len(holding) == 5 and cid not in holding
+                continue
+            assert holding.setdefault(cid, address) == address
+        else:
+            freed = p.release(cid, "eth0")
+            assert [a for a, _ in freed] == ([holding.pop(cid)] if cid in holding else [])
+        leases = p.leases()
+        assert {lease.container_id: a for a, lease in leases.items()} == holding
+        assert len(set(holding.values())) == len(holding)
