@@ -108,7 +108,18 @@ def cmd_run(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, lambda s, f: gateway.reload())
+
+    def on_hup(signum, frame):
+        # Re-read gateway.toml, re-render, `nginx -s reload` (also how a new admin token takes effect).
+        try:
+            new_config = load_gateway_config(args.config)
+            gateway.config, gateway.paths = new_config, new_config.paths("linux")
+            gateway.reload()
+            print("flatnet gateway: reloaded", file=sys.stderr)
+        except (UserError, ConfigError, ValueError, OSError) as exc:
+            print(f"flatnet gateway: reload failed, still serving the previous config: {exc}", file=sys.stderr)
+
+    signal.signal(signal.SIGHUP, on_hup)
     try:
         while not stop["now"] and gateway.proc is not None and gateway.proc.poll() is None:
             time.sleep(0.2)

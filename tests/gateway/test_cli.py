@@ -78,6 +78,21 @@ def test_run_sync_routes_and_stop(hosts, gateway_dir):
         assert bad.returncode == 1 and f"{routes}: key 'route[0].backends[0]'" in bad.stderr
         assert request_in(hosts.lan.name, GATEWAY_LAN, 80, "GET", "/other/health")[0] == 404  # pass mode: app has no base
         assert request_in(hosts.lan.name, GATEWAY_LAN, 80, "GET", "/web/health")[0] == 200
+
+        # token rotation: a new token in the file + SIGHUP; the old one stops working, routes stay
+        old_token = token_file.read_text().strip()
+        token_file.write_text("rotated-token-0123456789abcdef\n")
+        run.send_signal(signal.SIGHUP)
+
+        def status_with(token):
+            return request_in(hosts.wsl.name, GATEWAY_WSL, 8081, "GET", "/api/v1/routes",
+                              headers={"Authorization": f"Bearer {token}"})[0]
+
+        deadline = time.monotonic() + 10
+        while status_with(old_token) != 401 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status_with(old_token) == 401 and status_with("rotated-token-0123456789abcdef") == 200
+        assert request_in(hosts.lan.name, GATEWAY_LAN, 80, "GET", "/web/health")[0] == 200
     finally:
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=20)
