@@ -29,6 +29,7 @@ import ipaddress
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 
 from cni import rtnl
@@ -61,27 +62,39 @@ def _setns(fd: int) -> None:
 def netlink_socket_in(netns_path: str, kind: int = socket.SOCK_DGRAM) -> socket.socket:
     """A rtnetlink socket bound to the namespace at *netns_path*.
 
-    A socket belongs to the namespace its creator was in, so this thread enters the namespace,
-    opens the socket and comes back. pyroute2's own ``NetNS`` forks a helper process per socket,
-    which is slow and unwelcome inside the node's event loop.
+    A socket belongs to the namespace its creator was in, so a short-lived thread enters the
+    namespace and opens it (setns(2) changes only the calling thread; a throw-away thread means no
+    worker of the node can ever be left in a container's namespace). pyroute2's own ``NetNS``
+    forks a helper process per socket, which is slow and unwelcome inside the node.
     """
     try:
         target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise CniError(ERR_CONTAINER_UNKNOWN, "container network namespace does not exist", netns_path) from None
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    outcome: list = []
+
+    def enter_and_open() -> None:
         try:
             _setns(target)
         except OSError as exc:
-            raise CniError(ERR_CONTAINER_UNKNOWN, "cannot enter the container network namespace", f"{netns_path}: {exc}") from None
+            outcome.append(CniError(ERR_CONTAINER_UNKNOWN, "cannot enter the container network namespace",
+                                    f"{netns_path}: {exc}"))
+            return
         try:
-            return socket.socket(socket.AF_NETLINK, kind | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        finally:
-            _setns(own)
+            outcome.append(socket.socket(socket.AF_NETLINK, kind | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE))
+        except OSError as exc:
+            outcome.append(exc)
+
+    try:
+        thread = threading.Thread(target=enter_and_open, name="flatnet-netns")
+        thread.start()
+        thread.join()
     finally:
-        os.close(own)
         os.close(target)
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @contextlib.contextmanager
