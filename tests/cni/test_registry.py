@@ -155,8 +155,8 @@ async def test_cni_service_registers_from_quick_labels_then_podmans_answer(tmp_p
     service._container_added(IP, lease, {"flatnet.name": "shop"})
     assert [(s.name, s.port) for s in registry.services()] == [("shop", 3000)]  # at once, from the command line
     answer.set_result({"flatnet.name": "shop", "flatnet.port": "8080"})  # the image adds a port label
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
     assert [(s.name, s.port) for s in registry.services()] == [("shop", 8080)]
 
     slow = asyncio.get_running_loop().create_future()
@@ -167,6 +167,7 @@ async def test_cni_service_registers_from_quick_labels_then_podmans_answer(tmp_p
     service.label_reader = never
     service._container_added(IP, Lease("d" * 64, "eth0", name="db"))
     service._container_removed("d" * 64)  # DEL before Podman answered: the lookup is cancelled
-    await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
     assert [s.container_id for s in registry.services()] == ["c" * 64]
     await service.stop()
