@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flatnet-lighthouse", description="Flatnet lighthouse (discovery)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="lighthouse.toml")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines (docs/operations.md, Logs)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from flatnet.observability import setup_logging
+
+    setup_logging(json=args.log_json, level=args.log_level)
     try:
         config = load_lighthouse_config(args.config)
         if config.relay.secret_file or config.relay.serve:  # a bad secret file: a message, now

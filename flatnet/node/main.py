@@ -137,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flatnet-node", description="Flatnet's per-host daemon")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="node configuration (TOML)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines (docs/operations.md, Logs)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from flatnet.observability import setup_logging
+
+    setup_logging(json=args.log_json, level=args.log_level)
     try:
         config = load_node_config(args.config)
     except ConfigError as exc:
