@@ -239,3 +239,42 @@ def metrics_table_markdown() -> str:
     for d in METRIC_DEFINITIONS:
         rows.append(f"| `flatnet_{d.name}` | {d.kind} | {', '.join(d.labels) or '-'} | {d.help} |")
     return "\n".join(rows)
+
+
+# ==== collectors for the sans-I/O cores (call from the I/O layer's periodic tick) ===================
+
+
+def observe_tunnel(metrics: Metrics, engine, dataplane=None) -> None:
+    """Copy a TunnelEngine's (and optionally its Dataplane's) state into *metrics*: peers by state,
+    sessions, queued packets, drops by reason, handshakes and bytes."""
+    states = {"up": 0, "down": 0, "pending": 0}
+    queued = rx = tx = 0
+    for status in engine.peers.values():
+        states["up" if status.up else "pending" if status.handshake_pending else "down"] += 1
+        queued += status.queued_packets
+        rx += status.rx_bytes
+        tx += status.tx_bytes
+    for state, count in states.items():
+        metrics["peers"].labels(state=state).set(count)
+    metrics["sessions"].set(len(engine._sessions))
+    metrics["queued_packets"].set(queued)
+    metrics.absorb_counter("drops_total", engine.drops, "reason", component="tunnel")
+    metrics.absorb_counter("tunnel_bytes_total", {"rx": rx, "tx": tx}, "direction")
+    handshakes = {k.replace("handshake-", ""): v for k, v in engine.stats.items() if k.startswith("handshake")}
+    if handshakes:
+        metrics.absorb_counter("handshakes_total", handshakes, "outcome")
+    if dataplane is not None:
+        metrics.absorb_counter("drops_total", dataplane.drops, "reason", component="dataplane")
+
+
+def observe_lighthouse(metrics: Metrics, core, relay_table=None) -> None:
+    """Copy a LighthouseCore's (and optionally a RelayTable's) counters into *metrics*."""
+    metrics["lighthouse_nodes"].set(len(core))
+    received = {k[3:]: v for k, v in core.counters.items() if k.startswith("rx.")}
+    metrics.absorb_counter("lighthouse_messages_total", received, "type")
+    drops = {k[5:]: v for k, v in core.counters.items() if k.startswith("drop.")}
+    metrics.absorb_counter("drops_total", drops, "reason", component="lighthouse")
+    if relay_table is not None:
+        metrics["relay_sessions"].labels(transport="all").set(len(relay_table))
+        relay_drops = {k[5:]: v for k, v in relay_table.counters.items() if k.startswith("drop.")}
+        metrics.absorb_counter("drops_total", relay_drops, "reason", component="relay")
