@@ -214,12 +214,16 @@ class AddressPool:
             raise AddressTaken(f"{address} is leased to {holder.container_id[:12] if holder else '?'}") from None
 
     def _prune_index(self, names: set[str]) -> None:
-        """Drop index links whose address is free or someone else's (bounded directory size)."""
+        """Drop index links whose address is free or held by someone else (bounded directory size)."""
         for name in names:
             if not name.startswith(INDEX_PREFIX):
                 continue
-            target = os.readlink(self.dir / name) if os.path.islink(self.dir / name) else None
-            if target is None or target not in names:
+            try:
+                target = os.readlink(self.dir / name)
+            except OSError:
+                target = None
+            lease = self._read(target) if target in self._usable_set else None
+            if lease is None or name != f"{INDEX_PREFIX}{lease.container_id}.{lease.ifname}":
                 _unlink(self.dir / name)
 
     def _scan(self) -> Iterator[tuple[ipaddress.IPv4Address, Lease]]:

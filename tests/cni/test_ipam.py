@@ -134,3 +134,17 @@ def test_any_sequence_keeps_one_holder_per_address_and_one_address_per_container
         leases = p.leases()
         assert {lease.container_id: a for a, lease in leases.items()} == holding
         assert len(set(holding.values())) == len(holding)
+
+
+def test_index_links_of_gone_containers_are_pruned(tmp_path, monkeypatch):
+    import cni.ipam
+
+    monkeypatch.setattr(cni.ipam, "INDEX_MAX", 3)
+    p = pool(tmp_path)
+    for i in range(12):
+        p.allocate(Lease(f"old{i}", "eth0"))
+        p.release(f"old{i}", "eth0")
+    keep = p.allocate(Lease("keep", "eth0"))
+    index_links = [n for n in os.listdir(p.dir) if n.startswith("id.")]
+    assert len(index_links) <= 3 + 5 + 1
+    assert p.find("keep", "eth0")[0] == keep
