@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -48,6 +48,7 @@ from flatnet.proto.header import MessageType
 from flatnet.proto.path_probe import (
     KIND_PING,
     KIND_PONG,
+    PROBE_TYPE,
     PathProbeError,
     check_path_probe,
     derive_probe_key,
@@ -133,6 +134,8 @@ class PeerPaths:
         self.ip = ip
         self.selector = selector
         self.probe_key: bytes | None = None
+        self.peer_public: bytes | None = None
+        self.probing = True
         self.relays: dict[bytes, RelaySessionBinding] = {}  # session id -> binding
 
 
@@ -165,12 +168,14 @@ class PathMux:
 
     # ---- configuration (from config, lighthouse answers, punch notices, relay offers) -----
 
-    def add_peer(self, peer_ip, now: float, subnets=()) -> PeerPaths:
+    def add_peer(self, peer_ip, now: float, subnets=(), probing: bool = True) -> PeerPaths:
+        """*probing* False: a peer that runs no mux (a lighthouse): its paths are used as given."""
         ip = IPv4Address(peer_ip)
         peer = self.peers.get(ip)
         if peer is None:
             selector = PathSelector(self.settings, self._random_bytes, now)
             peer = self.peers[ip] = PeerPaths(ip, selector)
+            peer.probing = probing
             self.engine.add_peer(ip, [virtual_endpoint(ip)], subnets)
         return peer
 
@@ -257,37 +262,53 @@ class PathMux:
     # ---- input ----------------------------------------------------------------------------
 
     def receive_udp(self, data: bytes, addr, now: float) -> None:
-        addr = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else addr
-        if is_path_probe(data):
-            self._receive_probe(data, addr, None, now)
-            return
-        peer_ip = self._by_address.get(addr)
-        if peer_ip is None:
-            self.counters["rx.unknown-address"] += 1
-            self.engine.receive_datagram(data, addr, now)
-        else:
-            peer = self.peers[peer_ip]
-            peer.selector.record_received(Path(self._rung_of(peer, addr), addr), len(data))
-            self.engine.receive_datagram(data, virtual_endpoint(peer_ip), now)
-        self._pull_engine(now)
+        """A datagram from the UDP socket (not from a relay): to the engine, or a probe."""
+        inbound = self.inbound_udp(data, addr, now)
+        if inbound is not None:
+            self.engine.receive_datagram(inbound[0], inbound[1], now)
+            self._pull_engine(now)
 
     def receive_relay_frame(self, frame: bytes, transport: str, relay, now: float) -> None:
         """One relay frame (a UDP datagram from the relay, or a frame from the TCP stream)."""
+        inbound = self.inbound_relay(frame, transport, relay, now)
+        if inbound is not None:
+            self.engine.receive_datagram(inbound[0], inbound[1], now)
+            self._pull_engine(now)
+
+    def inbound_udp(self, data: bytes, addr, now: float, count: int = 1):
+        """Classify a datagram from the socket: a probe (handled here: None), or ``(data, address
+        to give the engine)``: the peer's virtual endpoint if *addr* is one of its paths.
+        *count*: datagrams in *data* (a GRO train), for the byte counters only."""
+        addr = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else addr
+        if is_path_probe(data):
+            self._receive_probe(data, addr, None, now)
+            return None
+        peer_ip = self._by_address.get(addr)
+        if peer_ip is None:
+            self.counters["rx.unknown-address"] += count
+            return data, addr
+        peer = self.peers[peer_ip]
+        peer.selector.record_received(Path(self._rung_of(peer, addr), addr), len(data))
+        return data, virtual_endpoint(peer_ip)
+
+    def inbound_relay(self, frame: bytes, transport: str, relay, now: float):
+        """Classify a relay frame: BIND_ACKs and probes are handled here (None); a DATA frame of a
+        known session gives ``(tunnel datagram, the peer's virtual endpoint)``."""
         try:
             parsed = parse_relay_frame(frame)
         except RelayFrameError as exc:
             self.counters[f"relay.drop.{exc.reason}"] += 1
-            return
+            return None
         route = RelayRoute(transport, (str(relay[0]), int(relay[1])), parsed.session_id)
         peer_ip = self._by_address.get(route)
         if peer_ip is None:
             self.counters["relay.drop.unknown-session"] += 1
-            return
+            return None
         peer = self.peers[peer_ip]
         binding = peer.relays.get(route.session_id)
         if binding is None or binding.routes.get(transport) != route:
             self.counters["relay.drop.unknown-route"] += 1
-            return
+            return None
         if parsed.type == TYPE_BIND_ACK:
             self.counters["relay.bind-ack"] += 1
             binding.acked_at = now
@@ -300,17 +321,16 @@ class PathMux:
                 binding.next_bind_at = now + self.rebind_interval
                 self.counters["relay.back-to-udp"] += 1
                 peer.selector.probe_now(now)
-            return
+            return None
         if parsed.type != TYPE_DATA:
             self.counters["relay.drop.unexpected-type"] += 1
-            return
+            return None
         if is_path_probe(parsed.body):
             self._receive_probe(parsed.body, None, route, now)
-            return
+            return None
         rung = Rung.UDP_RELAY if transport == UDP else Rung.TCP_RELAY
         peer.selector.record_received(Path(rung, route), len(parsed.body))
-        self.engine.receive_datagram(parsed.body, virtual_endpoint(peer_ip), now)
-        self._pull_engine(now)
+        return parsed.body, virtual_endpoint(peer_ip)
 
     def _rung_of(self, peer: PeerPaths, addr) -> Rung:
         for rung in (Rung.DIRECT_LAN, Rung.PUNCHED):
@@ -325,6 +345,8 @@ class PathMux:
             self.counters[f"probe.drop.{exc.reason}"] += 1
             return
         peer = self.peers.get(probe.sender)
+        if peer is not None and peer.probe_key is None:
+            self._ensure_key(peer, now)
         if peer is None or peer.probe_key is None:
             self.counters["probe.drop.unknown-sender"] += 1
             return
@@ -354,12 +376,31 @@ class PathMux:
 
     def handle_timer(self, now: float) -> None:
         self.engine.handle_timer(now)
-        for peer in self.peers.values():
-            self._tick_peer(peer, now)
+        self.tick_paths(now)
         self._pull_engine(now)
 
+    def tick_paths(self, now: float) -> None:
+        """Probes, relay BINDs, path switches (everything but the engine's own timers)."""
+        for peer in self.peers.values():
+            self._tick_peer(peer, now)
+
+    def _ensure_key(self, peer: PeerPaths, now: float) -> bytes | None:
+        """The probe key, derived from the certificate of the peer's tunnel session once there is
+        one (so the mux needs no engine events; a renewed certificate keeps the same key only if
+        its public key is the same, else the next session brings the new one)."""
+        session = self.engine.session_for(peer.ip, now)
+        certificate = getattr(session, "certificate", None) if session is not None else None
+        if certificate is not None and certificate.public_key != peer.peer_public:
+            peer.peer_public = certificate.public_key
+            self.set_peer_key(peer.ip, certificate.public_key, now)
+        return peer.probe_key
+
     def _tick_peer(self, peer: PeerPaths, now: float) -> None:
+        if peer.probe_key is None and peer.probing:
+            self._ensure_key(peer, now)
         for probe in peer.selector.tick(now):
+            if not peer.probing:
+                continue
             if peer.probe_key is None:
                 self.counters["probe.no-key"] += 1
                 continue
@@ -388,7 +429,11 @@ class PathMux:
             self._bind(binding, UDP, now, trial=True)
 
     def get_timer(self) -> float | None:
-        deadlines = [d for d in (self.engine.get_timer(),) if d is not None]
+        deadlines = [d for d in (self.engine.get_timer(), self.paths_timer()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def paths_timer(self) -> float | None:
+        deadlines = []
         for peer in self.peers.values():
             t = peer.selector.get_timer()
             if t is not None:
@@ -408,27 +453,40 @@ class PathMux:
 
     def _pull_engine(self, now: float) -> None:
         for data, addr in self.engine.datagrams_to_send():
-            if isinstance(addr, tuple) and len(addr) == 2 and addr[0] == "peer":
-                peer = self.peers.get(IPv4Address(addr[1]))
-            else:
-                peer_ip = self._by_address.get(addr)
-                peer = self.peers.get(peer_ip) if peer_ip is not None else None
-                if peer is None:  # a peer we do not know answered at its own address
-                    self._out.append(Transmit(data, UDP, addr))
-                    continue
-            if peer is None:
+            self.route(data, addr, now)
+
+    def peer_for(self, addr) -> PeerPaths | None:
+        """The peer an engine address belongs to: its virtual endpoint, or one of its paths."""
+        if isinstance(addr, tuple) and len(addr) == 2 and addr[0] == "peer":
+            return self.peers.get(IPv4Address(addr[1]))
+        peer_ip = self._by_address.get(addr)
+        return self.peers.get(peer_ip) if peer_ip is not None else None
+
+    def route(self, data: bytes, addr, now: float) -> None:
+        """Queue a datagram the engine (or the data plane) sends to *addr* on the right path(s)."""
+        peer = self.peer_for(addr)
+        if peer is None:
+            if isinstance(addr, tuple) and addr and addr[0] == "peer":
                 self.counters["tx.unknown-peer"] += 1
-                continue
-            if data and data[0] in _HANDSHAKE_TYPES:
-                for path in peer.selector.paths():
-                    self._emit(peer, path, data, now)
-                continue
-            path = peer.selector.current()
-            if path is None:
-                self.counters["tx.no-path"] += 1
-                continue
-            peer.selector.record_sent(len(data))
-            self._emit(peer, path, data, now)
+            else:  # a peer we do not know, answered at its own address
+                self._out.append(Transmit(data, UDP, addr))
+            return
+        if data and data[0] in _HANDSHAKE_TYPES:
+            for path in peer.selector.paths():
+                self._emit(peer, path, data, now)
+            return
+        path = peer.selector.current()
+        if path is None:
+            self.counters["tx.no-path"] += 1
+            return
+        peer.selector.record_sent(len(data))
+        self._emit(peer, path, data, now)
+
+    def take_transmits(self) -> list[Transmit]:
+        """What the mux itself queued (probes, PONGs, BINDs, routed datagrams), without pulling
+        the engine (the data plane pulls it and routes through :meth:`route`)."""
+        out, self._out = self._out, []
+        return out
 
     def _emit(self, peer: PeerPaths, path: Path, data: bytes, now: float) -> None:
         address = path.address
@@ -670,3 +728,160 @@ class PathIO:
         self._timer = None
         self.mux.handle_timer(self.clock())
         self.flush()
+
+
+class EscalatingEndpoint:
+    """The data plane's UDP endpoint (``recv``/``send``/``fileno``/``close``/``address``, as
+    :class:`flatnet.node.udp.DatagramEndpoint`) with Graceful Escalation underneath.
+
+    The data plane keeps sealing datagrams for a peer's *virtual* endpoint (the engine's
+    ``peer.endpoint``); :meth:`send` carries them on the path the peer's selector chose: straight to
+    the socket (a GSO train stays one ``sendmsg``) for direct rungs, framed for a relay otherwise.
+    :meth:`recv` hands the data plane what arrived on any path, with the virtual endpoint as source;
+    probes, BIND_ACKs and relay framing never reach it. Frames from a TCP relay arrive outside the
+    socket's readiness, so they wait in a queue and :attr:`wake` (the data plane's "read the UDP
+    socket now") is called.
+    """
+
+    def __init__(self, udp, mux: PathMux, clock: Callable[[], float]) -> None:
+        self.udp = udp
+        self.mux = mux
+        self.clock = clock
+        self.address = udp.address
+        self.wake: Callable[[], None] | None = None
+        self.counters: Counter[str] = Counter()
+        self._inbound: deque = deque()
+        self._relay_udp: set[tuple[str, int]] = set()
+        self._relay_tcp: dict[tuple[str, int], RelayStreamConnection] = {}
+        self._ticker: asyncio.Task | None = None
+
+    # ---- DatagramEndpoint interface ----------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.udp.fileno()
+
+    def recv(self):
+        mux = self.mux
+        while True:
+            if self._inbound:
+                return self._inbound.popleft()
+            got = self.udp.recv()
+            if got is None:
+                self._flush_own()
+                return None
+            data, addr, segment = got
+            if addr is None:
+                return got
+            addr = (addr[0], addr[1])
+            now = self.clock()
+            if addr in self._relay_udp:
+                for frame in _segments(data, segment):
+                    inbound = mux.inbound_relay(frame, UDP, addr, now)
+                    if inbound is not None:
+                        self._inbound.append((inbound[0], inbound[1], 0))
+                self._flush_own()
+                continue
+            if segment and len(data) > segment and any(data[i] == PROBE_TYPE for i in range(0, len(data), segment)):
+                for one in _segments(data, segment):
+                    inbound = mux.inbound_udp(one, addr, now)
+                    if inbound is not None:
+                        self._inbound.append((inbound[0], inbound[1], 0))
+                self._flush_own()
+                continue
+            count = (len(data) + segment - 1) // segment if segment else 1
+            inbound = mux.inbound_udp(data, addr, now, count)
+            if inbound is None:
+                self._flush_own()
+                continue
+            return inbound[0], inbound[1], segment
+
+    def send(self, buffer, addr, segment_size: int = 0) -> bool:
+        mux = self.mux
+        peer = mux.peer_for(addr)
+        if peer is None:
+            if isinstance(addr, tuple) and addr and addr[0] == "peer":
+                self.counters["tx.unknown-peer"] += 1
+                return True
+            return self.udp.send(buffer, addr, segment_size)
+        now = self.clock()
+        path = peer.selector.current()
+        first_type = buffer[0] if len(buffer) else -1
+        if path is not None and not isinstance(path.address, RelayRoute) and first_type not in _HANDSHAKE_TYPES:
+            peer.selector.record_sent(len(buffer))
+            return self.udp.send(buffer, path.address, segment_size)
+        for one in _segments(bytes(buffer), segment_size):
+            mux.route(one, addr, now)
+        self._flush_own()
+        return True
+
+    def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for conn in self._relay_tcp.values():
+            if conn._task is not None:
+                conn._task.cancel()
+        self._relay_tcp.clear()
+        self.udp.close()
+
+    # ---- relays, timers ------------------------------------------------------------------------
+
+    def add_relay_address(self, transport: str, relay) -> None:
+        relay = (str(relay[0]), int(relay[1]))
+        if transport == UDP:
+            self._relay_udp.add(relay)
+        elif relay not in self._relay_tcp:
+            conn = RelayStreamConnection(
+                relay, on_frame=lambda frame, r=relay: self._tcp_frame(frame, r), on_connected=self._rebind_all
+            )
+            self._relay_tcp[relay] = conn
+            conn.start()
+
+    def _tcp_frame(self, frame: bytes, relay) -> None:
+        inbound = self.mux.inbound_relay(frame, TCP, relay, self.clock())
+        self._flush_own()
+        if inbound is not None:
+            self._inbound.append((inbound[0], inbound[1], 0))
+            if self.wake is not None:
+                self.wake()
+
+    def _rebind_all(self) -> None:
+        now = self.clock()
+        for peer in self.mux.peers.values():
+            for binding in peer.relays.values():
+                binding.next_bind_at = now
+        self.tick()
+
+    def start(self, interval: float = 0.1) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever(interval), name="path-ticker")
+
+    async def _tick_forever(self, interval: float) -> None:
+        while True:
+            deadline = self.mux.paths_timer()
+            now = self.clock()
+            await asyncio.sleep(interval if deadline is None else min(interval, max(0.0, deadline - now)))
+            self.tick()
+
+    def tick(self) -> None:
+        now = self.clock()
+        deadline = self.mux.paths_timer()
+        if deadline is not None and deadline <= now:
+            self.mux.tick_paths(now)
+        self._flush_own()
+
+    def _flush_own(self) -> None:
+        for tx in self.mux.take_transmits():
+            if tx.transport == UDP:
+                self.udp.send(tx.data, tx.addr)
+            else:
+                conn = self._relay_tcp.get(tx.addr)
+                if conn is None:
+                    self.counters["tcp.no-connection"] += 1
+                else:
+                    conn.send(tx.data)
+
+
+def _segments(data: bytes, segment: int) -> list[bytes]:
+    if not segment or len(data) <= segment:
+        return [data]
+    return [data[i : i + segment] for i in range(0, len(data), segment)]

@@ -61,6 +61,7 @@ class TunnelComponent:
         self.masquerade: Masquerade | None = None
         self._forwarding: str = ""
         self._timer_task: asyncio.Task | None = None
+        self.escalation = None  # flatnet.node.discovery.Escalation, with [lighthouse] configured
 
     def _build_engine(self):
         from flatnet.pki.cert import TrustStore
@@ -115,17 +116,26 @@ class TunnelComponent:
                 self.masquerade = Masquerade(self.tun.name, self.config.flatnet_range)
                 await asyncio.to_thread(self.masquerade.install)
             self.udp = DatagramEndpoint(tunnel.listen_host, tunnel.listen_port)
+            if self.config.lighthouse.hosts or self.config.lighthouse.escalation:
+                from flatnet.node.discovery import attach_escalation  # Graceful Escalation
+
+                self.escalation = attach_escalation(self.config, self.engine, self.udp, self.clock)
+                self.udp = self.escalation.endpoint
         except BaseException:
             await self._teardown()
             raise
         self.service = DataplaneService(DataplaneIO(self.dataplane, self.tun, self.udp), clock=self.clock)
         self.service.start()
+        if self.escalation is not None:
+            self.escalation.start(self.service)
         log.info(
             "tunnel up: %s %s/32, MTU %d (underlay %d), UDP %s, %d static peers",
             self.tun.name, cert.ip.ip, tunnel.mtu or inner_mtu, underlay, self.udp.address, len(self.config.peers),
         )
 
     async def stop(self) -> None:
+        if self.escalation is not None:
+            await self.escalation.stop()
         if self.service is not None:
             self.service.close()
             self.service = None
@@ -165,6 +175,8 @@ class TunnelComponent:
                     "tunnel_tx_bytes": peer.tx_bytes,
                 }
             )
+        if self.escalation is not None:
+            status["escalation"] = self.escalation.status()
         status["running"] = True
         return status
 

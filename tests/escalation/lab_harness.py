@@ -1,0 +1,147 @@
+"""Processes for the NAT lab: a lighthouse (with its relay) in the internet namespace and the real
+tunnel component (``python -m flatnet.node.tunnel_component``) in each host namespace, configured
+to find each other only through the lighthouse. Status comes from the node's SIGUSR1 JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flatnet.lab.nat import NatLab
+from flatnet.pki.cert import new_ca, sign_host
+from flatnet.pki.files import write_certificate, write_host_key
+from flatnet.testing.tunnel_pair import start_node
+
+LIGHTHOUSE_IP = "10.87.255.1"
+FLATNET = {"a": "10.87.1.1", "b": "10.87.2.1"}
+SUBNET = {"a": "10.87.1.0/24", "b": "10.87.2.0/24"}
+PORT = 4242
+
+
+def write_files(directory: Path, lab: NatLab) -> dict[str, Path]:
+    """CA, certificates and keys, the relay secret, lighthouse.toml and a node.toml per host."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = int(time.time())
+    ca_cert, ca_key = new_ca("lab-ca", not_after=now + 86400, not_before=now - 3600)
+    write_certificate(directory / "ca.crt", ca_cert, force=True)
+
+    def identity(name, ip, subnets):
+        key = X25519PrivateKey.generate()
+        cert = sign_host(
+            ca_cert, ca_key, name, f"{ip}/16", subnets, ["hosts"], key.public_key().public_bytes_raw(),
+            now - 3600, now + 86400,
+        )
+        write_certificate(directory / f"{name}.crt", cert, force=True)
+        write_host_key(directory / f"{name}.key", key, force=True)
+
+    identity("lighthouse", LIGHTHOUSE_IP, [])
+    (directory / "relay.secret").write_text(os.urandom(24).hex())
+    lh = lab.lighthouse_address
+    (directory / "lighthouse.toml").write_text(
+        # Bound to the one public address: a socket on 0.0.0.0 would answer the second router from
+        # the other link's address, which its NAT does not let in.
+        f'name = "lh"\nlisten_host = "{lh}"\nlisten_port = 4242\ntick_interval = 0.2\n'
+        f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/lighthouse.crt"\nkey = "{directory}/lighthouse.key"\n'
+        f'[relay]\nsecret_file = "{directory}/relay.secret"\nserve = true\nudp_port = 3478\ntcp_port = 443\n'
+        f'listen_host = "{lh}"\n'
+        f'advertise = ["udp://{lh}:3478", "tcp://{lh}:443"]\n'
+    )
+    configs = {"lighthouse": directory / "lighthouse.toml"}
+    for side, other in (("a", "b"), ("b", "a")):
+        identity(f"host-{side}", FLATNET[side], [SUBNET[side]])
+        address = lab.a_address if side == "a" else lab.b_address
+        text = (
+            f'name = "host-{side}"\ncontrol_socket = "{directory}/{side}.sock"\n'
+            f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/host-{side}.crt"\nkey = "{directory}/host-{side}.key"\n'
+            f'[tunnel]\nlisten_host = "0.0.0.0"\nlisten_port = {PORT}\ntun_name = "flatnet0"\n'
+            f'[[peers]]\nip = "{FLATNET[other]}"\n'
+            f'[lighthouse]\nhosts = [{{ ip = "{LIGHTHOUSE_IP}", endpoints = ["{lh}:4242"] }}]\n'
+            f'advertise = ["{address}:{PORT}"]\n'
+        )
+        path = directory / f"{side}.toml"
+        path.write_text(text)
+        configs[side] = path
+    return configs
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    output: list[str] = field(default_factory=list)
+
+    def stop(self, timeout: float = 10.0) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return "".join(self.output) + (out or "")
+
+
+def start_lighthouse(ns, config: Path, timeout: float = 20.0) -> Process:
+    proc = ns.popen(
+        [sys.executable, "-m", "lighthouse.main", "--config", str(config), "--log-level", "INFO"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    process = Process(proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = _readline(proc, deadline - time.monotonic())
+        if line is None:
+            break
+        process.output.append(line)
+        if "relay listening" in line:
+            return process
+    raise RuntimeError("lighthouse did not start:\n" + process.stop())
+
+
+def _readline(proc, timeout: float) -> str | None:
+    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, timeout))
+    if not ready:
+        return None
+    line = proc.stdout.readline()
+    return line or None
+
+
+def node_status(node, timeout: float = 5.0) -> dict:
+    """The node's status (what `flatnet status` shows): SIGUSR1 makes it print one JSON line."""
+    node.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = _readline(node.proc, deadline - time.monotonic())
+        if line is None:
+            break
+        if line.startswith("{"):
+            return json.loads(line)
+        node.output.append(line)
+    raise RuntimeError("no status from the node:\n" + "".join(node.output[-30:]))
+
+
+def rung(node, peer_ip: str) -> str | None:
+    peers = node_status(node).get("escalation", {}).get("peers", {})
+    return peers.get(peer_ip, {}).get("rung")
+
+
+def wait_for_rung(node, peer_ip: str, wanted: str, timeout: float = 40.0) -> float:
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < timeout:
+        last = rung(node, peer_ip)
+        if last == wanted:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise AssertionError(f"rung to {peer_ip} is {last!r}, not {wanted!r} after {timeout}s")
+
+
+__all__ = ["start_node", "start_lighthouse", "write_files", "node_status", "rung", "wait_for_rung"]
