@@ -502,3 +502,25 @@ def run_week(hosts: int = 3, seconds: float = WEEK, seed: int = 1) -> WeekResult
     return Week(hosts=hosts, seed=seed).run(seconds)
 
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flatnet.testing.week [--hosts N] [--days D] [--seed S]``: run it, print the figures."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flatnet.testing.week", description=main.__doc__)
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--days", type=float, default=7.0)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    result = Week(hosts=args.hosts, seed=args.seed).run(args.days * DAY)
+    for key, value in vars(result).items():
+        if key != "violations":
+            print(f"{key}: {dict(value) if isinstance(value, Counter) else value}")
+    for violation in result.violations:
+        print("VIOLATION:", violation)
+    return 1 if result.violations else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
