@@ -101,10 +101,10 @@ class NatLab:
         """Host A's underlay address changes (DHCP gave it another one): the old one goes away."""
         with self.host_a.ipr() as ip:
             index = ip.link_lookup(ifname="u0")[0]
-            ip.addr("add", index=index, address=new_address, prefixlen=24)
+            # (deleting first: a primary address takes its secondaries with it)
             ip.addr("del", index=index, address=self.a_address, prefixlen=24)
+            ip.addr("add", index=index, address=new_address, prefixlen=24)
             ip.route("replace", dst="0.0.0.0/0", gateway="192.168.1.1")
-        self.router_a.run(["conntrack", "-F"], check=False)  # absent tool: the old flows just age out
         self.a_address = new_address
 
 

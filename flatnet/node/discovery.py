@@ -76,7 +76,35 @@ class NodeDiscovery:
         self._relay_asked: set[IPv4Address] = set()
         self._unsent: list[tuple[IPv4Address, bytes]] = []
         self._observed: dict = {}
+        self._last_refresh = float("-inf")
         self.counters: Counter[str] = Counter()
+
+    def set_lan_endpoints(self, endpoints, now: float) -> bool:
+        """Our own underlay addresses (polled from the interfaces): a change is roaming. Returns
+        True if they changed."""
+        endpoints = tuple(tuple(e) for e in endpoints)
+        if endpoints == self.client.endpoints:
+            return False
+        had = bool(self.client.endpoints)
+        self.client.set_endpoints(endpoints, now)  # registers everywhere at once
+        if had:
+            self.counters["underlay-changed"] += 1
+            log.info("underlay endpoints now %s: re-probing every path", endpoints)
+            self.mux.underlay_changed(now)
+            for ip in self.wanted:
+                self.wanted[ip] = now
+        return True
+
+    def path_died(self, now: float) -> None:
+        """A peer's current path stopped answering: we (or it) may have moved. Re-register now
+        (the lighthouses' answer tells us our observed address) and re-resolve, at most every 10 s."""
+        if now - self._last_refresh < 10.0:
+            return
+        self._last_refresh = now
+        self.counters["refresh-after-dead-path"] += 1
+        self.client.set_endpoints(self.client.endpoints, now)
+        for ip in self.wanted:
+            self.wanted[ip] = now
 
     def want(self, peer_ip, now: float) -> None:
         self.wanted.setdefault(IPv4Address(peer_ip), now)
@@ -191,6 +219,8 @@ class DiscoveryService:
         self.clock = clock
         self.control_inbox = control_inbox
         self.interval = interval
+        self.auto_endpoints: tuple[int, set[str]] | None = None  # (port, interfaces to skip): poll ours
+        self._next_poll = 0.0
         self._task: asyncio.Task | None = None
         discovery.relay_endpoints_added = self._relays_added
 
@@ -209,6 +239,18 @@ class DiscoveryService:
                 peer_ip, msg_type, payload = inbox.popleft()
                 if msg_type == MessageType.CONTROL and peer_ip in self.discovery.lighthouses:
                     self.discovery.take_control(payload, peer_ip, now)
+            while (change := self.discovery.mux.next_path_event()) is not None:
+                if change[1].reason == "dead":
+                    self.discovery.path_died(now)
+            if self.auto_endpoints is not None and now >= self._next_poll:
+                self._next_poll = now + 2.0
+                port, exclude = self.auto_endpoints
+                try:
+                    endpoints = await asyncio.to_thread(local_endpoints, port, exclude)
+                except OSError:
+                    endpoints = None
+                if endpoints is not None:
+                    self.discovery.set_lan_endpoints(endpoints, self.clock())
             self.discovery.tick(now)
             # Control datagrams (and handshakes) the engine queued: the data plane drains the
             # engine only on traffic and its timers, so send them now, on their paths.
@@ -239,6 +281,7 @@ class Escalation:
         self.discovery = discovery
         self.clock = clock
         self.service: DiscoveryService | None = None
+        self.auto_endpoints: tuple[int, set[str]] | None = None
 
     def start(self, dataplane_service) -> None:
         # Frames from a TCP relay arrive outside the UDP socket's readiness: have the data plane
@@ -248,6 +291,7 @@ class Escalation:
         if self.discovery is not None:
             inbox = getattr(getattr(getattr(dataplane_service, "io", None), "dataplane", None), "control_inbox", None)
             self.service = DiscoveryService(self.discovery, self.endpoint, self.clock, inbox)
+            self.service.auto_endpoints = self.auto_endpoints
             self.service.start()
 
     async def stop(self) -> None:
@@ -285,8 +329,11 @@ def attach_escalation(config, engine, udp, clock) -> Escalation:
     lh = config.lighthouse
     if lh.hosts:
         advertise = [_endpoint(t) for t in lh.advertise]
+        auto = None
         if not advertise and config.tunnel.listen_host not in ("0.0.0.0", "", "::"):
             advertise = [(config.tunnel.listen_host, udp.address[1])]
+        elif not advertise:  # listening on every address: advertise the interfaces' (and follow them)
+            auto = (udp.address[1], {"lo", config.tunnel.tun_name})
         discovery = NodeDiscovery(
             mux,
             {h.ip: [_endpoint(e) for e in h.endpoints] for h in lh.hosts},
@@ -295,4 +342,24 @@ def attach_escalation(config, engine, udp, clock) -> Escalation:
             now=now,
             use_relays=lh.relays,
         )
-    return Escalation(mux, endpoint, discovery, clock)
+    escalation = Escalation(mux, endpoint, discovery, clock)
+    if discovery is not None:
+        escalation.auto_endpoints = auto
+    return escalation
+
+
+def local_endpoints(port: int, exclude: set[str]) -> list[tuple[str, int]]:
+    """(IPv4 address, *port*) for each address of this namespace's interfaces, except *exclude*d
+    interfaces and loopback addresses (pyroute2; runs in a thread: it is synchronous)."""
+    from pyroute2 import IPRoute
+
+    out = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=2):
+            if names.get(addr["index"]) in exclude:
+                continue
+            ip = addr.get_attr("IFA_ADDRESS")
+            if ip and not ip.startswith("127."):
+                out.append((ip, port))
+    return sorted(out)[:7]

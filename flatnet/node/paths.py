@@ -163,7 +163,7 @@ class PathMux:
         self.peers: dict[IPv4Address, PeerPaths] = {}
         self._by_address: dict[object, IPv4Address] = {}  # UDP address or RelayRoute -> peer
         self._out: list[Transmit] = []
-        self._path_events: list[tuple[IPv4Address, PathChanged]] = []
+        self._path_events: deque[tuple[IPv4Address, PathChanged]] = deque(maxlen=256)  # bounded: may go unread
         self.counters: Counter[str] = Counter()
 
     # ---- configuration (from config, lighthouse answers, punch notices, relay offers) -----
@@ -257,7 +257,7 @@ class PathMux:
         return event
 
     def next_path_event(self) -> tuple[IPv4Address, PathChanged] | None:
-        return self._path_events.pop(0) if self._path_events else None
+        return self._path_events.popleft() if self._path_events else None
 
     # ---- input ----------------------------------------------------------------------------
 

@@ -58,14 +58,12 @@ def write_files(directory: Path, lab: NatLab) -> dict[str, Path]:
     configs = {"lighthouse": directory / "lighthouse.toml"}
     for side, other in (("a", "b"), ("b", "a")):
         identity(f"host-{side}", FLATNET[side], [SUBNET[side]])
-        address = lab.a_address if side == "a" else lab.b_address
         text = (
             f'name = "host-{side}"\ncontrol_socket = "{directory}/{side}.sock"\n'
             f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/host-{side}.crt"\nkey = "{directory}/host-{side}.key"\n'
             f'[tunnel]\nlisten_host = "0.0.0.0"\nlisten_port = {PORT}\ntun_name = "flatnet0"\n'
             f'[[peers]]\nip = "{FLATNET[other]}"\n'
             f'[lighthouse]\nhosts = [{{ ip = "{LIGHTHOUSE_IP}", endpoints = ["{lh}:4242"] }}]\n'
-            f'advertise = ["{address}:{PORT}"]\n'
         )
         path = directory / f"{side}.toml"
         path.write_text(text)
