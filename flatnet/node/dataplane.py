@@ -127,6 +127,9 @@ class Dataplane:
         self._now: float | None = None
         # Space for records in one unfragmented message: the tunnel header and tag come off the budget.
         self._small_batch_limit = settings.datagram_budget - 32
+        self._max_train_bytes = min(
+            B.MAX_RECORD_LENGTH - 512, B.MAX_FRAGMENTS * B.fragment_piece_size(settings.datagram_budget) - 512
+        )
 
     # ------------------------------------------------------------------ outbound
 
@@ -177,7 +180,9 @@ class Dataplane:
             if flow.proto != P.PROTO_TCP:
                 self.drops["tun_bad_gso"] += 1
                 return
-            pieces = P.split_tcp_superpacket(pkt, gso_size, 1 if resent else path.cap)
+            # A message must fit one record (64 KB) and MAX_FRAGMENTS datagrams, whatever the MSS.
+            segments = 1 if resent else max(1, min(path.cap, self._max_train_bytes // gso_size))
+            pieces = P.split_tcp_superpacket(pkt, gso_size, segments)
             if pieces is None:
                 self.drops["tun_bad_gso"] += 1
                 return

@@ -253,3 +253,17 @@ def test_parity_turns_on_when_loss_is_seen():
     assert pair.a.dataplane.paths[ipaddress.ip_address(B_IP)].cap == 16  # parity first, not smaller messages
     pair.now += 11.0
     assert not path_status()
+
+
+def test_big_segments_are_cut_to_what_one_message_can_carry():
+    # Small datagrams (600 bytes) and jumbo segments: 7 segments would need 107 fragments, more than
+    # a message may have (64), so the super-packet is cut at 4 segments whatever the cap.
+    pair = Pair(overlay_mtu=9000, budget=600, max_cap=16, adaptive=False)
+    pair.establish()
+    mss = 8948
+    payload = os.urandom(mss * 7)
+    pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1, payload, partial=True), mss))
+    pair.run()
+    segments = finished_packets(pair.b.tun.written)
+    assert b"".join(bytes(IP(s)[TCP].payload) for s in segments) == payload
+    assert pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"] == 2
