@@ -185,3 +185,28 @@ def test_gro_train_with_parity_is_joined():
     message = bytes(random.Random(4).randbytes(9000))
     buffer, segment = B.encode_fragments(message, 5, 1472, parity=True)
     assert B.join_fragment_train(buffer, segment) == message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 59), st.integers(0, 255)), max_size=6),
+    st.integers(0, 120),
+    st.sampled_from([0, 1, 536, 1380, 65535]),
+    st.booleans(),
+)
+def test_mangled_tcp_records_from_a_certified_peer_never_raise(flips, cut, gso_size, csum):
+    """Near-valid inner TCP packets (header bytes flipped, truncated, odd gso_size) from the real peer
+    reach the merge and checksum code: they are delivered, merged or dropped, never raised."""
+    from .harness import A_IP, tcp
+
+    pair = _established()
+    session = pair.a.engine.session_for(__import__("ipaddress").ip_address(B_IP), pair.now)
+    pkt = bytearray(tcp(A_IP, B_IP, 40000, 80, 7, bytes(200)))
+    for at, value in flips:
+        pkt[at] = value
+    pkt = pkt[: len(pkt) - cut] or pkt
+    flags = B.FLAG_NEEDS_CSUM if csum else 0
+    payload = B.encode_record(pkt, flags, gso_size) + B.encode_record(pkt, flags, gso_size)
+    pair.b.dataplane.udp_datagram(bytes(session.seal(payload, 5, pair.now)), pair.a.io.udp.addr, pair.now)
+    for frame in pair.b.dataplane.take_tun_writes():
+        assert len(frame) > 10
