@@ -151,7 +151,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 METRIC_DEFINITIONS: tuple[MetricDefinition, ...] = (
     # node: tunnel
     MetricDefinition("peers", "gauge", "Peers the node knows, by state (up, down, pending)", ("state",)),
-    MetricDefinition("peer_rung", "gauge", "How a peer is reached: 0 direct, 1 punched, 2 relayed UDP, 3 relayed TCP", ("peer",)),
+    MetricDefinition("peer_rung", "gauge", "How a peer is reached (flatnet.escalation.Rung): 0 direct-lan, 1 punched, 2 udp-relay, 3 tcp-relay", ("peer",)),
     MetricDefinition("handshakes_total", "counter", "Handshakes by outcome (initiated, completed, answered, failed)", ("outcome",)),
     MetricDefinition("rekeys_total", "counter", "Sessions replaced by a newer one"),
     MetricDefinition("tunnel_bytes_total", "counter", "Inner bytes through the tunnel", ("direction",)),
