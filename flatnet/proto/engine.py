@@ -227,6 +227,50 @@ class TunnelEngine:
             peer.route_hint = nets
         self._rebuild_routes()
 
+    def remove_peer(self, flatnet_ip) -> bool:
+        """Forget a peer (a static peer taken out of the config): its sessions, pending handshake
+        and queued packets go, PeerDown("removed") if it was up. False: no such peer."""
+        peer = self._peers.pop(IPv4Address(flatnet_ip), None)
+        if peer is None:
+            return False
+        for session in peer.sessions():
+            self._retire(session)
+        self._cancel_pending(peer)
+        if peer.queue:
+            self.drops["peer-removed"] += len(peer.queue)
+            peer.queue.clear()
+        if peer.up:
+            peer.up = False
+            self._events.append(PeerDown(peer.ip, "removed"))
+        self._rebuild_routes()
+        return True
+
+    def set_identity(self, identity: tuple[Certificate, X25519PrivateKey], now: float) -> list[IPv4Address]:
+        """Take a new own certificate and key (a reload; same Flatnet IP) and re-handshake every
+        peer that has a session: the old sessions carry traffic until the new ones are confirmed.
+        Returns the peers a handshake was started with."""
+        certificate, static_key = identity
+        if public_bytes(static_key) != certificate.public_key:
+            raise ValueError("the private key does not match the certificate's public key")
+        if certificate.ip.ip != self._own_ip:
+            raise ValueError(f"a new identity must keep this node's address {self._own_ip}")
+        if certificate.issuer != self.certificate.issuer:
+            self._macs = NetworkMacs(certificate.issuer)
+            self._cookies = CookieChecker(self._macs, self._random_bytes)
+        self.certificate = certificate
+        self._static_key = static_key
+        self._static_public = certificate.public_key
+        self._certificate_bytes = certificate.encode()
+        started = []
+        for peer in self._peers.values():
+            if peer.current is None:
+                continue
+            self._cancel_pending(peer)  # an initiation signed with the old identity
+            peer.attempts_started_at = None
+            self._begin_handshake(peer, now)
+            started.append(peer.ip)
+        return started
+
     def set_trust(self, trust, now: float) -> list[IPv4Address]:
         """Replace the trust store (a reloaded blocklist or CA set) and cut off, at once, every peer
         whose certificate it no longer accepts: its sessions are forgotten, PeerDown("revoked").
