@@ -202,6 +202,41 @@ class Firewall:
         self._pairs[(proto, local, remote)] = now + timeout
         return True
 
+    def replace_rules(self, config: FirewallConfig, identity_for) -> int:
+        """Swap in a new rule set (a config reload) at once, keeping the tracked flows it still
+        allows; returns how many flows were forgotten. *identity_for(remote: bytes)* gives the
+        PeerIdentity owning a remote inner address (None: no peer, the flow goes).
+
+        A tracked flow does not record which side opened it, so it stays if either direction's new
+        rules would admit it (inbound by its local port, outbound by its remote port). The rules are
+        built first: a bad rule raises ConfigError and nothing changes."""
+        replacement = Firewall(config)
+        dropped = 0
+        for key in list(self.conntrack):
+            proto, local, local_port, remote, remote_port = key
+            peer = identity_for(remote)
+            if peer is None or not (
+                replacement._admits(INBOUND, proto, local_port, local, remote, peer)
+                or replacement._admits(OUTBOUND, proto, remote_port, local, remote, peer)
+            ):
+                del self.conntrack[key]
+                dropped += 1
+        kept_pairs = {(proto, local, remote) for proto, local, _, remote, _ in self.conntrack}
+        for pair in [p for p in self._pairs if p not in kept_pairs]:
+            del self._pairs[pair]
+        self.config = config
+        self.inbound, self.outbound = replacement.inbound, replacement.outbound
+        self._timeouts = replacement._timeouts
+        self._allow_all = replacement._allow_all
+        return dropped
+
+    def _admits(self, direction: str, proto: int, port: int, local: bytes, remote: bytes, peer: PeerIdentity) -> bool:
+        if self._allow_all[direction]:
+            return True
+        rules = self.inbound if direction == INBOUND else self.outbound
+        remote_addr, local_addr = ipaddress.ip_address(remote), ipaddress.ip_address(local)
+        return any(r.matches(proto, port, peer, remote_addr, local_addr) for r in rules)
+
     def tick(self, now: float) -> None:
         """Forget expired flows."""
         for table in (self.conntrack, self._pairs):
