@@ -22,6 +22,7 @@ COMMAND_GROUPS = [
     ("lab", "flatnet.lab.cli", "a whole Flatnet site simulated on this machine"),
     ("cni", "cni.cli", "install the Podman CNI plugin"),
     ("status", "flatnet.node.cli", "what the local flatnet-node is doing"),
+    ("reload", "flatnet.node.reload_cli", "make the local flatnet-node re-read its config"),
 ]
 
 

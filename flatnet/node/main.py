@@ -11,16 +11,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import signal
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from flatnet.config import ConfigError
 from flatnet.node.cni_service import CniService, GatewayAdminAdapter, GatewayPusher, ServiceRegistry
 from flatnet.node.config import DEFAULT_CONFIG_PATH, NodeConfig, load_node_config
-from flatnet.node.control import ControlServer
+from flatnet.node.control import BAD_REQUEST, ControlError, ControlServer
+from flatnet.node.reload import ReloadPlan, changed_files, plan_reload, referenced_files
+from flatnet.observability import log_event
 
 log = logging.getLogger("flatnet.node")
 
@@ -46,17 +52,53 @@ class PusherComponent:
         self.pusher = pusher
         self.adapter = adapter
         self._task: asyncio.Task | None = None
+        self.registry, self.owner = pusher.registry, pusher.owner  # for a pusher built on reload
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.pusher.run())
+        if self.pusher is not None:
+            self._task = asyncio.get_running_loop().create_task(self.pusher.run())
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         close = getattr(self.adapter, "close", None)
         if close is not None:
             await close()
+
+    def prepare_reload(self, plan):
+        """New push settings: read the token now (may fail), then swap in a fresh pusher whose
+        first push is a full sync. Returns ``async apply() -> list[str]`` or None."""
+        if plan.gateway is None:
+            return None
+        gateway = plan.gateway
+        if not gateway.admin_url:
+            async def stop_pushing() -> list[str]:
+                await self.stop()
+                self.pusher = self.adapter = None
+                return ["gateway: no admin_url, routes are no longer pushed"]
+            return stop_pushing
+        adapter = GatewayAdminAdapter(gateway.admin_url, read_token(gateway))
+        registry, owner = self.registry, self.owner
+
+        async def apply() -> list[str]:
+            await self.stop()
+            self.pusher = GatewayPusher(registry, adapter, owner, gateway.resync_interval, gateway.retry_interval)
+            self.adapter = adapter
+            await self.start()
+            return [f"gateway: pushing to {gateway.admin_url}, full resync"]
+        return apply
+
+
+def read_token(gateway) -> str:
+    """The admin token from ``gateway.token_file`` ("" without one); ConfigError if unreadable."""
+    if gateway.token_file is None:
+        return ""
+    try:
+        return gateway.token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError("", "gateway.token_file", f"{gateway.token_file}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -83,6 +125,75 @@ class Node:
         for component in reversed(self.components):
             with contextlib.suppress(Exception):
                 await component.stop()
+
+    # ---- reload without restart (flatnet/node/reload.py) --------------------------------------
+
+    config_path: Path | None = None
+    loaded_files: dict = field(default_factory=dict)  # referenced file -> digest, as last loaded
+    reloads: Counter = field(default_factory=Counter)  # outcome -> count
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reload(self) -> ReloadPlan:
+        """Re-read the config file and apply what changed. Raises ConfigError (naming file and key)
+        and changes nothing when the new config does not load or a component cannot prepare."""
+        async with self._reload_lock:
+            try:
+                plan = await self._reload()
+            except Exception as exc:
+                self.reloads["failed"] += 1
+                log_event(log, "config.reload_failed", logging.ERROR, file=str(self.config_path), error=str(exc))
+                raise
+            self.reloads["ok"] += 1
+            return plan
+
+    async def _reload(self) -> ReloadPlan:
+        if self.config_path is None:
+            raise ConfigError("", "", "this node was started without a config file: nothing to reload")
+        source = str(self.config_path)
+        new = load_node_config(self.config_path)
+        digests = file_digests(new)
+        plan = plan_reload(self.config, new, changed_files(self.loaded_files, digests))
+        appliers = []
+        for component in self.components:
+            prepare = getattr(component, "prepare_reload", None)
+            if prepare is None:
+                continue
+            try:
+                apply = prepare(plan)
+            except ConfigError as exc:
+                raise ConfigError(source, exc.key, exc.message) from None
+            if apply is not None:
+                appliers.append(apply)
+        if plan.gateway is not None and plan.gateway.admin_url and not any(
+            isinstance(c, PusherComponent) for c in self.components
+        ):
+            adapter = GatewayAdminAdapter(plan.gateway.admin_url, read_token(plan.gateway))
+            self.pusher = GatewayPusher(self.registry, adapter, self.config.name, plan.gateway.resync_interval,
+                                        plan.gateway.retry_interval)
+            pusher = PusherComponent(self.pusher, adapter)
+
+            async def start_pushing() -> list[str]:
+                await pusher.start()
+                self.components.append(pusher)
+                return [f"gateway: pushing to {plan.gateway.admin_url}, full resync"]
+            appliers.append(start_pushing)
+        if (plan.trust or plan.identity) and not any(hasattr(c, "engine") for c in self.components):
+            plan = dataclasses.replace(plan, needs_restart=(*plan.needs_restart, "pki (the tunnel is off)"))
+        # Everything prepared: from here on nothing may fail half-way.
+        done = []
+        for apply in appliers:
+            result = apply()
+            if asyncio.iscoroutine(result):
+                result = await result
+            done += result
+        self.config = plan.config
+        self.loaded_files = digests
+        for component in self.components:
+            if isinstance(component, PusherComponent):
+                self.pusher = component.pusher
+        log_event(log, "config.reloaded", file=source, changes=plan.changes, needs_restart=list(plan.needs_restart),
+                  done=done)
+        return plan
 
 
 def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
@@ -119,17 +230,61 @@ def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
     return node
 
 
-async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+def file_digests(config: NodeConfig) -> dict:
+    """SHA-256 of each file a reload re-reads (None: unreadable now)."""
+    out = {}
+    for path in referenced_files(config):
+        try:
+            out[path] = hashlib.sha256(path.read_bytes()).digest()
+        except OSError:
+            out[path] = None
+    return out
+
+
+def register_reload(node: Node) -> None:
+    """Serve ``reload`` on the node's control socket: ``{"changes": [...], "needs_restart": [...]}``,
+    or code 400 with the ConfigError (file and key) when the new config was refused."""
+
+    async def reload(request: dict) -> dict:
+        try:
+            plan = await node.reload()
+        except (ConfigError, ValueError, OSError) as exc:
+            raise ControlError(BAD_REQUEST, str(exc)) from None
+        return plan.summary()
+
+    node.control.register("reload", reload)
+
+
+async def run_node(config: NodeConfig, stop: asyncio.Event | None = None, config_path: str | Path | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     node = build_node(config)
+    node.config_path = Path(config_path) if config_path is not None else None
+    node.loaded_files = file_digests(config)
+    register_reload(node)
+    reloads: set[asyncio.Task] = set()
+
+    async def reload_on_signal() -> None:
+        with contextlib.suppress(Exception):  # logged as config.reload_failed by Node.reload
+            await node.reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload_on_signal())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await node.start()
     log.info("flatnet-node %s ready on %s", config.name, config.control_socket)
     try:
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await node.stop()
 
 
@@ -149,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvloop
 
-    uvloop.run(run_node(config))
+    uvloop.run(run_node(config, config_path=args.config))
     return 0
 
 

@@ -131,6 +131,11 @@ class DataplaneService:
             self._writer = False
         self._arm_timer()
 
+    def kick(self) -> None:
+        """Run the timers now and send what they produced (after a reload changed the engine)."""
+        self.io.dataplane.handle_timer(self.clock())
+        self._after()
+
     def _arm_timer(self) -> None:
         deadline = self.io.dataplane.get_timer()
         if self._timer is not None:

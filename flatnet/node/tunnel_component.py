@@ -63,7 +63,8 @@ class TunnelComponent:
         self._timer_task: asyncio.Task | None = None
         self.escalation = None  # flatnet.node.discovery.Escalation, with [lighthouse] configured
 
-    def _build_engine(self):
+    def _load_pki(self):
+        """This node's (certificate, key) and the trust store (CA bundle + blocklist), from [pki]."""
         from flatnet.pki.cert import TrustStore
         from flatnet.pki.files import (
             load_blocklist,
@@ -72,7 +73,6 @@ class TunnelComponent:
             load_host_key,
             parse_fingerprint,
         )
-        from flatnet.proto.engine import TunnelEngine
 
         pki = self.config.pki
         cert = load_certificate(pki.cert)
@@ -83,7 +83,12 @@ class TunnelComponent:
         blocklist_file = getattr(pki, "blocklist_file", None)
         if blocklist_file:
             blocked |= load_blocklist(blocklist_file)
-        trust = TrustStore(load_certificates(pki.ca), blocked)
+        return (cert, key), TrustStore(load_certificates(pki.ca), blocked)
+
+    def _build_engine(self):
+        from flatnet.proto.engine import TunnelEngine
+
+        (cert, key), trust = self._load_pki()
         engine = TunnelEngine((cert, key), trust)
         for peer in self.config.peers:
             engine.add_peer(peer.ip, [_endpoint(e) for e in peer.endpoints])
@@ -154,6 +159,99 @@ class TunnelComponent:
         if self._forwarding:
             restore_forwarding(self._forwarding)
             self._forwarding = ""
+
+    # ---- reload without restart (flatnet/node/reload.py) ----------------------------------------
+
+    def prepare_reload(self, plan):
+        """Load what *plan* needs (certificates, trust store, firewall rules): raises
+        ConfigError/ValueError/OSError before anything changes. Returns ``apply() -> list[str]``
+        (what was done, for the log), or None when the tunnel has nothing to do."""
+        from flatnet.config import ConfigError
+        from flatnet.firewall import Firewall
+
+        if not plan.tunnel_changed or self.engine is None or self.dataplane is None:
+            return None
+        pki = plan.config.pki
+        trust = identity = None
+        if plan.trust or plan.identity:
+            from flatnet.pki.cert import TrustStore
+            from flatnet.pki.errors import PkiFileError
+            from flatnet.pki.files import (
+                load_certificate,
+                load_certificates,
+                load_host_key,
+                parse_fingerprint,
+            )
+            from flatnet.proto.noise import public_bytes
+
+            def load(key_name, loader, *args):
+                try:
+                    return loader(*args)
+                except (PkiFileError, OSError, ValueError) as exc:
+                    raise ConfigError("", key_name, str(exc)) from None
+
+            cert = load("pki.cert", load_certificate, pki.cert)
+            key = load("pki.key", load_host_key, pki.key)
+            blocked = {load(f"pki.blocklist[{i}]", parse_fingerprint, text) for i, text in enumerate(pki.blocklist)}
+            fresh_trust = TrustStore(load("pki.ca", load_certificates, pki.ca), blocked)
+            trust = fresh_trust if plan.trust else None
+            if plan.identity:
+                if public_bytes(key) != cert.public_key:
+                    raise ConfigError("", "pki.key", "the private key does not match the certificate")
+                old = self.engine.certificate
+                if cert.ip != old.ip or tuple(cert.subnets) != tuple(old.subnets):
+                    raise ConfigError("", "pki.cert",
+                                      f"the new certificate changes this node's address or subnets "
+                                      f"({cert.ip}, {[str(n) for n in cert.subnets]}): that needs a restart")
+                identity = (cert, key)
+        if plan.firewall is not None:
+            Firewall(plan.firewall)  # validates every rule (ConfigError names the key)
+        peers = [(p, [_endpoint(e) for e in p.endpoints]) for p in (*plan.peers_added, *plan.peers_updated)]
+        own = self.engine.certificate.ip.ip
+        for peer, _ in peers:
+            if peer.ip == own:
+                raise ConfigError("", "peers.ip", f"{peer.ip} is this node's own address")
+
+        def apply() -> list[str]:
+            now = self.clock()
+            done = []
+            engine, dataplane = self.engine, self.dataplane
+            for ip in plan.peers_removed:
+                if engine.remove_peer(ip):
+                    dataplane.paths.pop(ip, None)
+                    done.append(f"peer {ip} removed")
+            for peer, endpoints in peers:
+                engine.add_peer(peer.ip, endpoints)
+                if self.escalation is not None:
+                    self.escalation.mux.add_peer(peer.ip, now)
+                    for endpoint in endpoints:
+                        self.escalation.mux.add_candidate(peer.ip, endpoint, now)
+                done.append(f"peer {peer.ip} endpoints {peer.endpoints}")
+            if identity is not None:
+                restarted = engine.set_identity(identity, now)
+                if self.escalation is not None:
+                    self.escalation.mux._static_key = identity[1]  # path probes are keyed on it
+                done.append(f"own certificate {identity[0].name}: re-handshaking {len(restarted)} peers")
+            if trust is not None:
+                revoked = engine.set_trust(trust, now)
+                done.append(f"trust store reloaded; cut off: {[str(ip) for ip in revoked] or 'none'}")
+            if plan.firewall is not None:
+                forgotten = dataplane.firewall.replace_rules(plan.firewall, self._identity_for_remote)
+                done.append(f"firewall rules swapped; {forgotten} tracked flows no longer allowed")
+            self.config = plan.config
+            if self.service is not None:
+                self.service.kick()  # handshakes / keepalives queued above go out now
+            return done
+
+        return apply
+
+    def _identity_for_remote(self, remote: bytes):
+        from flatnet.firewall import identity_of
+
+        peer = self.engine.route(remote)
+        if peer is None or peer.certificate is None:
+            return None
+        return identity_of(peer)
 
     def status(self) -> dict:
         """Peers (path, handshake age, bytes), drops by reason, firewall: for ``flatnet status``."""
