@@ -217,9 +217,17 @@ class PathSelector:
             self.counters["pong-unexpected"] += 1
             return False
         self.counters["pong"] += 1
+        earlier = [n for n, t in state.outstanding.items() if t < sent_at]
+        if earlier:  # a PING sent before this one went unanswered: the run of answers is broken
+            for n in earlier:
+                del state.outstanding[n]
+            self.counters["probe-lost"] += len(earlier)
+            state.streak = 0
         state.last_pong_at = now
         state.streak += 1
         state.rtt = now - sent_at
+        if state.streak < self.settings.confirmations and (self._current is None or path.rung < self._current.rung):
+            state.next_probe_at = now  # a better path answered: confirm it at once, not a probe interval later
         if path == self._current and not self._confirmed_current:
             self._confirmed_current = True
             self.counters["confirmed"] += 1

@@ -220,10 +220,20 @@ class PathMux:
         for route in routes.values():
             self._by_address[route] = peer.ip
         self._bind(binding, binding.transport, now)
-        for route in routes.values():
-            if peer.selector.add_path(self._relay_path(route), now):
-                self._drain_selector(peer)
+        # Only the transport the session is bound on is a path (the other cannot carry anything).
+        if peer.selector.add_path(self._relay_path(routes[binding.transport]), now):
+            self._drain_selector(peer)
         return binding
+
+    def _rebind_transport(self, peer: PeerPaths, binding: RelaySessionBinding, transport: str, now: float) -> None:
+        """The session's side moves to *transport*: its path replaces the other transport's."""
+        old = binding.routes[binding.transport]
+        binding.transport = transport
+        binding.unacked = 0
+        peer.selector.add_path(self._relay_path(binding.routes[transport]), now)
+        peer.selector.remove_path(self._relay_path(old), now)
+        peer.selector.probe_now(now)
+        self._drain_selector(peer)
 
     @staticmethod
     def _relay_path(route: RelayRoute) -> Path:
@@ -315,12 +325,10 @@ class PathMux:
             if transport == binding.transport:
                 binding.unacked = 0
             elif transport == UDP:  # a trial UDP BIND came back: UDP works again, and the
-                binding.transport = UDP  # relay now forwards to our UDP address
-                binding.unacked = 0
+                self._rebind_transport(peer, binding, UDP, now)  # relay now forwards to our UDP address
                 binding.next_udp_trial_at = None
                 binding.next_bind_at = now + self.rebind_interval
                 self.counters["relay.back-to-udp"] += 1
-                peer.selector.probe_now(now)
             return None
         if parsed.type != TYPE_DATA:
             self.counters["relay.drop.unexpected-type"] += 1
@@ -417,11 +425,9 @@ class PathMux:
             and binding.unacked >= self.udp_failover_after
             and now >= binding.next_bind_at
         ):
-            binding.transport = TCP  # UDP to the relay is blocked: bind over TCP
-            binding.unacked = 0
+            self._rebind_transport(peer, binding, TCP, now)  # UDP to the relay is blocked: bind over TCP
             binding.next_udp_trial_at = now + self.udp_retry_interval
             self.counters["relay.failover-to-tcp"] += 1
-            peer.selector.probe_now(now)
         if now >= binding.next_bind_at:
             self._bind(binding, binding.transport, now)
         if binding.next_udp_trial_at is not None and now >= binding.next_udp_trial_at:
@@ -512,7 +518,9 @@ class PathMux:
             return
         binding.unacked += 1
         # Unanswered BINDs are repeated quickly (and counted towards failing over to TCP).
-        interval = self.rebind_interval if binding.unacked <= 1 else self.unacked_rebind_interval
+        # A session never acknowledged yet is retried quickly from the start (UDP blocked at start-up).
+        settled = binding.unacked <= 1 and binding.acked_at is not None
+        interval = self.rebind_interval if settled else self.unacked_rebind_interval
         binding.next_bind_at = now + interval
 
     def _drain_selector(self, peer: PeerPaths) -> None:

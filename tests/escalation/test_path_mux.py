@@ -151,3 +151,22 @@ def test_udp_relay_fails_over_to_tcp_and_comes_back():
     assert any(tx == Transmit(encode_relay_frame(1, 0, sid, binding.token), UDP, RELAY) for tx in sent)
     a.receive_relay_frame(encode_relay_frame(2, 0, sid), UDP, RELAY, trial_at + 0.05)
     assert binding.transport == UDP and a.counters["relay.back-to-udp"] == 1
+
+
+def test_flatnet_status_shows_the_rung_per_peer():
+    from flatnet.node.cli import format_peers
+
+    status = {
+        "running": True,
+        "peers": {"10.87.2.1": {"name": "host-b", "up": True}, "10.87.3.1": {"name": "host-c", "up": False}},
+        "escalation": {
+            "peers": {
+                "10.87.2.1": {"rung": "punched", "path": "punched ('100.64.2.1', 4242)", "confirmed": True,
+                              "bytes_sent": {"punched": 900, "udp-relay": 100}},
+                "10.87.3.1": {"rung": "udp-relay", "path": "udp-relay udp://x", "confirmed": False, "bytes_sent": {}},
+            }
+        },
+    }
+    lines = format_peers(status).splitlines()
+    assert "punched " in lines[1] and "host-b" in lines[1] and "punched 900, udp-relay 100" in lines[1]
+    assert "udp-relay?" in lines[2] and " no " in lines[2]

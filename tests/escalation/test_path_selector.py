@@ -75,7 +75,35 @@ def test_confirmed_direct_path_wins_and_probes_cover_every_candidate():
     assert {p.path for _, p in d.probes} == {UDP_RELAY, LAN, PUNCHED}
 
 
-def test_upgrade_needs_confirmations_in_a_row():
+class AlternatingDriver(Driver):
+    """Answers only every other probe on `flaky` (a path that works now and then)."""
+
+    def __init__(self, *args, flaky=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flaky, self.flip = flaky, False
+
+    def run_until(self, end):
+        original = self.selector.tick
+
+        def tick(now):
+            probes = original(now)
+            for probe in probes:
+                if probe.path == self.flaky:
+                    self.flip = not self.flip
+                    if self.flip:
+                        self.working.discard(self.flaky)
+                    else:
+                        self.working.add(self.flaky)
+            return probes
+
+        self.selector.tick = tick
+        try:
+            super().run_until(end)
+        finally:
+            self.selector.tick = original
+
+
+def test_upgrade_needs_confirmations_in_a_row_which_are_asked_for_at_once():
     s = selector(confirmations=3)
     s.add_path(UDP_RELAY, 0.0)
     s.add_path(PUNCHED, 0.0)
@@ -83,13 +111,23 @@ def test_upgrade_needs_confirmations_in_a_row():
     d.run_until(3.0)
     assert s.current() == UDP_RELAY and s.confirmed
     d.working.add(PUNCHED)
-    pongs_before = s.state(PUNCHED).streak
-    d.run_until(d.now + 5.0 + 0.03)  # one upgrade probe: a streak of 1 is not enough
-    assert pongs_before == 0 and s.state(PUNCHED).streak == 1
+    d.run_until(d.now + 6.0)
+    switch = [e for e in iter(s.next_event, None) if e.new == PUNCHED]
+    assert len(switch) == 1 and s.counters["switch.upgrade"] == 1
+    # three PINGs answered in a row, the 2nd and 3rd sent as soon as the one before was answered
+    pings = [t for t, p in d.probes if p.path == PUNCHED and t <= switch[0].at]
+    assert pings[-1] - pings[-3] == pytest.approx(2 * d.rtt)
+    assert s.state(PUNCHED).streak >= 3
+
+
+def test_a_path_answering_every_other_probe_is_never_taken():
+    s = selector(confirmations=2)
+    s.add_path(UDP_RELAY, 0.0)
+    s.add_path(PUNCHED, 0.0)
+    d = AlternatingDriver(s, working={UDP_RELAY}, flaky=PUNCHED)
+    d.run_until(120)
     assert s.current() == UDP_RELAY
-    d.run_until(d.now + 10.0)  # two more upgrade probes
-    assert s.current() == PUNCHED
-    assert s.counters["switch.upgrade"] == 1
+    assert s.counters["switch.upgrade"] == 0 and s.state(PUNCHED).last_pong_at is not None
 
 
 def test_current_path_is_dropped_only_when_dead_and_then_held_down():
