@@ -145,6 +145,7 @@ class Firewall:
         self.conntrack: dict[FlowKey, float] = {}  # flow -> expiry time
         self._pairs: dict[tuple[int, bytes, bytes], float] = {}  # (proto, local, remote) -> expiry: fragments
         self.drops: Counter = Counter()
+        self._opened_by: dict[FlowKey, str] = {}  # flow -> the direction whose rule admitted it (reload)
         # A rule list that is a single unconditional rule needs no per-packet rule evaluation; the
         # flow is still tracked, so swapping in stricter rules later behaves the same.
         self._allow_all = {
@@ -200,6 +201,7 @@ class Firewall:
                 return False
         self.conntrack[key] = now + timeout
         self._pairs[(proto, local, remote)] = now + timeout
+        self._opened_by[key] = direction
         return True
 
     def replace_rules(self, config: FirewallConfig, identity_for) -> int:
@@ -207,19 +209,19 @@ class Firewall:
         allows; returns how many flows were forgotten. *identity_for(remote: bytes)* gives the
         PeerIdentity owning a remote inner address (None: no peer, the flow goes).
 
-        A tracked flow does not record which side opened it, so it stays if either direction's new
-        rules would admit it (inbound by its local port, outbound by its remote port). The rules are
-        built first: a bad rule raises ConfigError and nothing changes."""
+        A flow is checked against the new rules of the direction that opened it (inbound by its
+        local port, outbound by its remote port). The rules are built first: a bad rule raises
+        ConfigError and nothing changes."""
         replacement = Firewall(config)
         dropped = 0
         for key in list(self.conntrack):
             proto, local, local_port, remote, remote_port = key
             peer = identity_for(remote)
-            if peer is None or not (
-                replacement._admits(INBOUND, proto, local_port, local, remote, peer)
-                or replacement._admits(OUTBOUND, proto, remote_port, local, remote, peer)
-            ):
+            opened_by = self._opened_by.get(key, INBOUND)
+            port = local_port if opened_by == INBOUND else remote_port
+            if peer is None or not replacement._admits(opened_by, proto, port, local, remote, peer):
                 del self.conntrack[key]
+                self._opened_by.pop(key, None)
                 dropped += 1
         kept_pairs = {(proto, local, remote) for proto, local, _, remote, _ in self.conntrack}
         for pair in [p for p in self._pairs if p not in kept_pairs]:
@@ -243,6 +245,8 @@ class Firewall:
             expired = [k for k, expiry in table.items() if expiry <= now]
             for k in expired:
                 del table[k]
+        if len(self._opened_by) > len(self.conntrack):
+            self._opened_by = {k: v for k, v in self._opened_by.items() if k in self.conntrack}
 
     def status(self) -> dict:
         return {
