@@ -133,6 +133,10 @@ class TunnelComponent:
         self.service.start()
         if self.escalation is not None:
             self.escalation.start(self.service)
+        # Handshake with every static peer now: the container subnets a peer owns are in its
+        # certificate, so until then a packet to one of its containers has no route.
+        if self.engine.learn_routes(self.clock()):
+            self.service.kick()
         log.info(
             "tunnel up: %s %s/32, MTU %d (underlay %d), UDP %s, %d static peers",
             self.tun.name, cert.ip.ip, tunnel.mtu or inner_mtu, underlay, self.udp.address, len(self.config.peers),

@@ -19,6 +19,8 @@ initiator's first transport message arrives on it). At most one handshake we ini
     event                                   | effect
     ----------------------------------------+--------------------------------------------------------
     packet to send, no usable current       | queue it (bounded); start a handshake if none pending
+    packet to send, no peer owns its dst    | drop it ("no-route"); handshake with every peer whose
+                                            | certificate (so whose subnets) is not known yet
     send on current we initiated, age >= 120s| start a handshake (keep sending on current)
       or counter >= REKEY_AFTER_MESSAGES    |
     receive on current we initiated,        | start a handshake
@@ -377,6 +379,7 @@ class TunnelEngine:
             peer = self.route(inner[16:20])
             if peer is None:
                 self.drops["no-route"] += 1
+                self.learn_routes(now)  # the owner may be a peer we have not heard from yet
                 return
         session = peer.current
         if session is not None and session.can_send(now):
@@ -387,6 +390,23 @@ class TunnelEngine:
             self.drops["queue-full"] += 1
         peer.queue.append(bytes(inner))
         self._begin_handshake(peer, now)
+
+    def learn_routes(self, now: float) -> int:
+        """Handshake with every peer whose certificate is not known yet; returns how many started.
+
+        A static peer is configured by its Flatnet IP only: the container subnets it owns are in
+        its certificate, which arrives with the first handshake. Until then a packet to one of its
+        containers has no route. The node calls this at start, and :meth:`send_packet` on a packet
+        with no route, so traffic to a peer's containers never depends on someone first sending to
+        the peer's own address. At most one handshake per peer is pending (a series gives up after
+        REKEY_ATTEMPT_TIME), so an unreachable peer costs one initiation per REKEY_TIMEOUT.
+        """
+        started = 0
+        for peer in self._peers.values():
+            if peer.certificate is None and peer.pending is None and peer.endpoint is not None:
+                self._begin_handshake(peer, now)
+                started += 1
+        return started
 
     def send_control(self, payload: bytes, peer_ip, now: float, msg_type: MessageType = MessageType.CONTROL) -> bool:
         """Send a CONTROL/RELAY/DATA_BATCH payload on an established session; False if there is none."""

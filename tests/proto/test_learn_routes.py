@@ -1,0 +1,67 @@
+"""A static peer's container subnets are in its certificate: routes to them before the first handshake.
+
+The lab bug this guards (22:00): wsl1 could reach wsl2's node address but not wsl2's container
+(10.87.2.2) unless something had first been sent to 10.87.2.1 — the packet to the container found
+no route ("no-route") and nothing ever asked wsl2 for its certificate.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from flatnet.proto.constants import REKEY_ATTEMPT_TIME, REKEY_TIMEOUT
+from flatnet.proto.events import PacketReceived
+from flatnet.proto.header import MessageType
+from tests.proto.harness import Wire, ipv4_packet, make_ca, make_node, pair
+
+A_IP, B_IP = "10.87.1.1", "10.87.2.1"
+B_CONTAINER = "10.87.2.2"
+
+
+def test_packet_to_an_unknown_peers_container_fetches_its_certificate():
+    wire, a, b = pair()
+    first = ipv4_packet(A_IP, B_CONTAINER, b"first")
+    a.engine.send_packet(first, wire.now)
+    assert a.engine.drops["no-route"] == 1  # dropped: the owner is not known yet ...
+    [(initiation, to)] = a.engine.datagrams_to_send()  # ... but asked for, exactly once
+    assert initiation[0] == MessageType.HANDSHAKE_INITIATION and to == b.addr
+    b.engine.receive_datagram(initiation, a.addr, wire.now)
+    wire.run()
+    # The certificate brought the route: the sender's retry (TCP SYN, the next ping) goes through.
+    assert a.engine.route(IPv4Address(B_CONTAINER)) is a.engine._peers[IPv4Address(B_IP)]
+    second = ipv4_packet(A_IP, B_CONTAINER, b"second")
+    a.engine.send_packet(second, wire.now)
+    wire.run()
+    assert b.received == [second]
+    assert dict(a.engine.drops) == {"no-route": 1}
+
+
+def test_learn_routes_at_start_so_the_first_packet_is_not_lost():
+    wire, a, b = pair()
+    assert a.engine.learn_routes(wire.now) == 1
+    assert a.engine.learn_routes(wire.now) == 0  # one pending handshake per peer
+    wire.run()
+    packet = ipv4_packet(A_IP, B_CONTAINER, b"hello")
+    a.engine.send_packet(packet, wire.now)
+    wire.run()
+    assert b.received == [packet] and not a.engine.drops
+    assert a.engine.learn_routes(wire.now) == 0  # every certificate known: nothing to ask
+
+
+def test_no_route_traffic_to_an_unreachable_peer_costs_one_initiation_per_retry_interval():
+    wire = Wire()
+    ca = make_ca()
+    a = make_node(wire, ca, "alpha", "10.87.1.1/16", ("192.0.2.1", 4242), ["10.87.1.0/24"], seed=1)
+    a.engine.add_peer(B_IP, [("192.0.2.99", 4242)])  # nobody there
+    a.engine.add_peer("10.87.3.1", [])  # no endpoint yet (discovery): not asked
+    for i in range(50):
+        a.engine.send_packet(ipv4_packet(A_IP, B_CONTAINER, b"%d" % i), wire.now)
+    assert len(a.engine.datagrams_to_send()) == 1
+    wire.advance(REKEY_TIMEOUT + 1)
+    assert a.engine.stats["initiation-sent"] == 2  # the engine's own retry, not one per packet
+    wire.advance(REKEY_ATTEMPT_TIME)
+    # The series gave up; the next unrouted packet starts a new one.
+    sent = a.engine.stats["initiation-sent"]
+    a.engine.send_packet(ipv4_packet(A_IP, B_CONTAINER, b"later"), wire.now)
+    assert a.engine.stats["initiation-sent"] == sent + 1
+    assert not [e for e in a.events if isinstance(e, PacketReceived)]
