@@ -141,7 +141,7 @@ class Node:
                 plan = await self._reload()
             except Exception as exc:
                 self.reloads["failed"] += 1
-                log_event(log, "config.reload_failed", logging.ERROR, file=str(self.config_path), error=str(exc))
+                log_event(log, "config.reload_failed", logging.ERROR, msg="config reload refused, nothing changed", file=str(self.config_path), error=str(exc))
                 raise
             self.reloads["ok"] += 1
             return plan
@@ -191,7 +191,7 @@ class Node:
         for component in self.components:
             if isinstance(component, PusherComponent):
                 self.pusher = component.pusher
-        log_event(log, "config.reloaded", file=source, changes=plan.changes, needs_restart=list(plan.needs_restart),
+        log_event(log, "config.reloaded", msg="config reloaded", file=source, changes=plan.changes, needs_restart=list(plan.needs_restart),
                   done=done)
         return plan
 
