@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -54,10 +55,70 @@ def build_core(config: LighthouseConfig) -> LighthouseCore:
     )
 
 
-async def serve(config: LighthouseConfig, engine) -> None:
+def reload_lighthouse(old: LighthouseConfig, new: LighthouseConfig, engine, core, now: float) -> tuple[list[str], list[str]]:
+    """SIGHUP: take *new*'s certificate, key, CA bundle, blocklist and rate limits into a running
+    lighthouse; returns (changes, keys needing a restart, left as they were). Every file is loaded
+    before anything changes: a bad one raises ConfigError (key named) and nothing changes."""
+    from flatnet.pki.cert import TrustStore
+    from flatnet.pki.errors import PkiFileError
+    from flatnet.pki.files import load_certificate, load_certificates, load_host_key, parse_fingerprint
+    from flatnet.proto.noise import public_bytes
+
+    def load(key, loader, *args):
+        try:
+            return loader(*args)
+        except (PkiFileError, OSError, ValueError) as exc:
+            raise ConfigError("", key, str(exc)) from None
+
+    pki = new.pki
+    cert, host_key = load("pki.cert", load_certificate, pki.cert), load("pki.key", load_host_key, pki.key)
+    blocked = {load(f"pki.blocklist[{i}]", parse_fingerprint, item) for i, item in enumerate(pki.blocklist)}
+    trust = TrustStore(load("pki.ca", load_certificates, pki.ca), blocked)
+    new_identity = cert.encode() != engine.certificate.encode()
+    if new_identity and (public_bytes(host_key) != cert.public_key or cert.ip.ip != engine.certificate.ip.ip):
+        raise ConfigError("", "pki.cert", "the new certificate does not match the key or changes the address")
+    needs_restart = [f.name for f in dataclasses.fields(old)
+                     if f.name not in ("pki", "limits") and getattr(old, f.name) != getattr(new, f.name)]
+    changes = []
+    if new_identity:
+        engine.set_identity((cert, host_key), now)
+        changes.append(f"own certificate {cert.name}")
+    revoked = engine.set_trust(trust, now)
+    changes.append(f"trust store reloaded; cut off: {[str(ip) for ip in revoked] or 'none'}")
+    if new.limits != old.limits:
+        core.settings = dataclasses.replace(core.settings, **dataclasses.asdict(new.limits))
+        changes.append("limits: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(new.limits).items()))
+    return changes, needs_restart
+
+
+async def serve(config: LighthouseConfig, engine, config_path: str | None = None) -> None:
     from lighthouse.service import LighthouseService
 
     service = LighthouseService(engine, build_core(config), tick_interval=config.tick_interval)
+    running = config
+
+    def on_hup() -> None:
+        nonlocal running
+        import time
+
+        from flatnet.observability import log_event
+
+        try:
+            new = load_lighthouse_config(config_path)
+            changes, restart = reload_lighthouse(running, new, engine, service.core, time.time())
+        except (ConfigError, ValueError, OSError) as exc:
+            if isinstance(exc, ConfigError) and not exc.source:
+                exc = ConfigError(str(config_path), exc.key, exc.message)
+            log_event(log, "config.reload_failed", logging.ERROR, msg="config reload refused, nothing changed",
+                      file=str(config_path), error=str(exc))
+            return
+        running = dataclasses.replace(new, **{key: getattr(running, key) for key in restart})
+        service._flush()  # handshakes started by a new identity go out now
+        log_event(log, "config.reloaded", msg="config reloaded", file=str(config_path), changes=changes,
+                  needs_restart=restart)
+
+    if config_path is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
     await service.start(config.listen_host, config.listen_port)
     relay = None
     if config.relay.serve:
@@ -72,6 +133,8 @@ async def serve(config: LighthouseConfig, engine) -> None:
     try:
         await stop.wait()
     finally:
+        if config_path is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         if relay is not None:
             await relay.stop()
         await service.stop()
@@ -105,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(config, engine))
+    asyncio.run(serve(config, engine, args.config))
     return 0
 
 
