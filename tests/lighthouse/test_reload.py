@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,6 +18,7 @@ from flatnet.config import ConfigError
 from flatnet.pki.cert import TrustStore, new_ca, sign_host
 from flatnet.pki.files import write_certificate, write_host_key
 from flatnet.proto.engine import TunnelEngine
+from flatnet.testing.markers import needs_root
 from lighthouse.config import load_lighthouse_config
 from lighthouse.main import build_core, build_engine, reload_lighthouse
 from tests.node.harness import icmp_echo
@@ -79,3 +84,39 @@ def test_reload_applies_limits_and_blocklist_and_reports_restart_keys(tmp_path):
     changes, restart = reload_lighthouse(new, blocked, engine, core, now)
     assert NODE_IP in changes[0] and restart == []
     assert not engine.peers[ipaddress.IPv4Address(NODE_IP)].up
+
+
+@pytest.mark.slow
+@needs_root
+def test_sighup_reloads_a_running_lighthouse(tmp_path, netns_factory):
+    _site(tmp_path)
+    _write(tmp_path)
+    ns = netns_factory("lhr")
+    log = tmp_path / "lh.log"
+    with open(log, "w") as out:
+        proc = ns.popen([sys.executable, "-m", "lighthouse.main", "--config", str(tmp_path / "lh.toml")],
+                        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        time.sleep(2.0)  # no readiness line to wait for; the handler is installed before serving
+        _write(tmp_path, "[limits]\nrate = 5.0\n", port=5555)
+        proc.send_signal(signal.SIGHUP)
+        assert _wait_for_text(log, "config.reloaded"), log.read_text()
+        _write(tmp_path, "[limits]\nrate = -1\n")
+        proc.send_signal(signal.SIGHUP)
+        assert _wait_for_text(log, "config.reload_failed"), log.read_text()
+        assert proc.poll() is None  # SIGHUP no longer ends the process
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    text = log.read_text()
+    assert "rate=5.0" in text and "needs_restart=['listen_port']" in text
+    assert f"{tmp_path}/lh.toml: key 'limits.rate'" in text
+
+
+def _wait_for_text(path, text: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return True
+        time.sleep(0.1)
+    return False
