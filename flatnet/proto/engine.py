@@ -30,8 +30,9 @@ initiator's first transport message arrives on it). At most one handshake we ini
     valid response to pending               | new current (previous <- old current); flush queue or
                                             | send a keepalive (confirms us to the responder)
     valid initiation                        | answer; the new session waits in `next`
-    valid initiation while pending          | lower static key keeps initiating: it drops theirs;
-      (simultaneous initiation)             | higher key abandons its own and answers
+    valid initiation while pending          | lower static key keeps initiating: it drops theirs
+      (simultaneous initiation)             | and sends its own again (same bytes: the peer may
+                                            | have lost it); higher key abandons its own, answers
     first transport message on `next`       | next becomes current (previous <- old current); flush
     session age >= 180 s (REJECT)           | forget it; if it was current: PeerDown
     received, nothing sent for 10 s         | keepalive (passive keepalive)
@@ -109,6 +110,7 @@ class PendingHandshake:
     retry_at: float
     mac1: bytes  # of the initiation we sent: a cookie reply must be bound to it
     endpoint: Address
+    datagram: bytes = b""  # the initiation itself: sent again as is when the peer shows up
 
 
 @dataclass(frozen=True)
@@ -585,8 +587,14 @@ class TunnelEngine:
                 return self._drop("replayed-initiation")
             if peer.pending is not None and self._static_public < cert.public_key:
                 # Simultaneous initiation: the lower static key stays initiator; the other side
-                # yields when our initiation reaches it. Not an error, nothing changes.
+                # yields when our initiation reaches it. Ours may have been lost (both nodes just
+                # started, the peer was not listening yet): send it again now that the peer is
+                # evidently there, rather than at the retry timer (REKEY_TIMEOUT). The same bytes:
+                # if the first copy did arrive, the peer drops this one as a replay. Once per
+                # authenticated, fresh initiation of theirs (its timestamp is remembered).
+                peer.last_initiation_timestamp = payload.timestamp_us
                 self.stats["simultaneous-initiation-kept"] += 1
+                self._outbox.append((peer.pending.datagram, addr))
                 return None
         try:
             noise_response = handshake.write_response(state, self._certificate_bytes)
@@ -652,7 +660,7 @@ class TunnelEngine:
         endpoint = candidates[peer.attempts % len(candidates)]
         peer.attempts += 1
         jitter = self._uniform() * REKEY_TIMEOUT_JITTER_MAX
-        peer.pending = PendingHandshake(state, local_index, now, now + REKEY_TIMEOUT + jitter, mac1, endpoint)
+        peer.pending = PendingHandshake(state, local_index, now, now + REKEY_TIMEOUT + jitter, mac1, endpoint, datagram)
         self._pending[local_index] = peer
         self._outbox.append((datagram, endpoint))
         self.stats["initiation-sent"] += 1

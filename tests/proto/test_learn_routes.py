@@ -65,3 +65,34 @@ def test_no_route_traffic_to_an_unreachable_peer_costs_one_initiation_per_retry_
     a.engine.send_packet(ipv4_packet(A_IP, B_CONTAINER, b"later"), wire.now)
     assert a.engine.stats["initiation-sent"] == sent + 1
     assert not [e for e in a.events if isinstance(e, PacketReceived)]
+
+
+def test_both_nodes_starting_together_meet_without_waiting_for_the_retry_timer():
+    # Both learn routes at start; the lower static key's initiation is lost (its peer was not
+    # listening yet). Before: the higher key's initiation was dropped as "simultaneous" and both
+    # waited REKEY_TIMEOUT. Now the lower key sends its initiation again at once.
+    wire, a, b = pair()
+    low, high = (a, b) if a.engine.certificate.public_key < b.engine.certificate.public_key else (b, a)
+    low.engine.learn_routes(wire.now)
+    low.engine.datagrams_to_send()  # lost
+    high.engine.learn_routes(wire.now)
+    wire.run()
+    assert low.engine.stats["simultaneous-initiation-kept"] == 1
+    assert low.engine.session_for(IPv4Address(high.ip.split("/")[0]), wire.now) is not None
+    assert high.engine.session_for(IPv4Address(low.ip.split("/")[0]), wire.now) is not None
+    assert not low.engine.drops and not high.engine.drops
+
+
+def test_a_resent_initiation_that_had_arrived_is_dropped_as_a_replay():
+    wire, a, b = pair()
+    a.engine.learn_routes(wire.now)
+    b.engine.learn_routes(wire.now)
+    wire.run()  # both delivered: one side keeps, re-sends; the other yields and answers once
+    assert a.engine.stats["handshake-dh"] + b.engine.stats["handshake-dh"] == 2
+    kept = a if a.engine.stats["simultaneous-initiation-kept"] else b
+    other = b if kept is a else a
+    assert dict(other.engine.drops) == {"replayed-initiation": 1} and not kept.engine.drops
+    packet = ipv4_packet(A_IP, B_CONTAINER, b"after")
+    a.engine.send_packet(packet, wire.now)
+    wire.run()
+    assert b.received == [packet]
