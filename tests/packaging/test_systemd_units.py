@@ -33,7 +33,7 @@ def test_node_unit_is_hardened():
     assert service["Restart"] == "on-failure"
     assert service["DeviceAllow"] == "/dev/net/tun rw" and service["DevicePolicy"] == "closed"
     assert service["UMask"] == "0077"
-    assert "ExecReload" not in service  # no SIGHUP handler yet: a HUP would end the daemon
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # flatnet-node reloads on SIGHUP
 
 
 def test_lighthouse_unit_is_hardened_and_has_no_capabilities():
@@ -43,6 +43,7 @@ def test_lighthouse_unit_is_hardened_and_has_no_capabilities():
     assert service["RuntimeDirectory"] != "flatnet"  # would remove the node's socket directory on stop
     assert service["Restart"] == "on-failure"
     assert service["PrivateDevices"] == "yes"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # flatnet-lighthouse reloads on SIGHUP
 
 
 @pytest.mark.parametrize("name, binary", [("flatnet-node.service", "flatnet-node"),
