@@ -6,8 +6,9 @@ a fresh connection: methods, paths (route names valid, overlong, encoded, traver
 (token right, wrong, missing, doubled; Content-Length right and wrong; chunked bodies) and JSON
 bodies for PUT /api/v1/routes/{name} and POST /api/v1/sync, mutated as values and as bytes; a few
 requests are mutated as raw bytes as a whole. Contract: every answer is 1xx-4xx (2xx or 4xx for
-anything complete), never 5xx — except the 501 nginx's own HTTP parser must give an unknown
-transfer-coding (RFC 9112 section 6.1), which never reaches the Lua; the workers that started are the workers that end (none crashed and
+anything complete), never 5xx — except the 501/505 nginx's own HTTP parser must give an unknown
+transfer-coding or HTTP version (RFC 9112 section 6.1, RFC 9110 section 15.6.6), which never reach
+the Lua; the workers that started are the workers that end (none crashed and
 was respawned); error.log has no Lua abort, [alert] or [emerg].
 """
 
@@ -27,6 +28,8 @@ SYNC = {"owner": "node-1", "generation": 1, "routes": [{"name": "web", "backends
 NAMES = ["web", "api", "x", "a" * 63, "a" * 64, "Bad_Name", "web%2Fx", "..", "%00", "we b", "ü", "web/extra", ""]
 PATHS = ["/api/v1/routes", "/api/v1/sync", "/api/v1/", "/api/v1/routes/", "/", "/api/v2/routes",
          "/api/v1/routes?x=1", "/api/v1/../v1/routes", "//api//v1//routes", "/api/v1/routes/web#frag"]
+# nginx's built-in error pages for the two 5xx answers HTTP requires of a parser (see feed()).
+PARSER_STATUSES = {501: b"<h1>501 Not Implemented</h1>", 505: b"<h1>505 HTTP Version Not Supported</h1>"}
 METHODS = ["GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT", "get", "PROPFIND", "X" * 40]
 
 
@@ -68,6 +71,7 @@ class GatewayAdminSurface(Surface):
         self.workers = self.gateway.worker_pids()
         self.statuses: dict[int, int] = {}
         self.no_answer = 0
+        self.parser_refusals = 0
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -154,8 +158,11 @@ class GatewayAdminSurface(Surface):
             self.no_answer += 1  # nginx may close on a request it cannot parse at all
             return
         self.statuses[status] = self.statuses.get(status, 0) + 1
-        if status == 501 and b"<h1>501 Not Implemented</h1>" in answer:
-            # nginx's own parser, not the Lua: an unknown transfer-coding must get 501 (RFC 9112 6.1)
+        if status in PARSER_STATUSES and PARSER_STATUSES[status] in answer:
+            # nginx's own HTTP parser answered, before any Lua ran, as the RFCs require: 501 for an
+            # unknown transfer-coding (RFC 9112 section 6.1), 505 for an HTTP major version it does
+            # not speak (RFC 9110 section 15.6.6). Not a server failure.
+            self.parser_refusals += 1
             return
         if status >= 500:
             raise AssertionError(f"{status} for {request[:200]!r}: {answer[-300:]!r}")
@@ -184,4 +191,5 @@ class GatewayAdminSurface(Surface):
             shutil.rmtree(self.work, ignore_errors=True)
 
     def stats(self) -> dict:
-        return {"statuses": dict(sorted(self.statuses.items())), "closed_without_answer": self.no_answer}
+        return {"statuses": dict(sorted(self.statuses.items())), "closed_without_answer": self.no_answer,
+                "nginx_parser_501_505": self.parser_refusals}
