@@ -167,10 +167,13 @@ class Node:
         if plan.gateway is not None and plan.gateway.admin_url and not any(
             isinstance(c, PusherComponent) for c in self.components
         ):
-            adapter = GatewayAdminAdapter(plan.gateway.admin_url, read_token(plan.gateway))
-            self.pusher = GatewayPusher(self.registry, adapter, self.config.name, plan.gateway.resync_interval,
-                                        plan.gateway.retry_interval)
-            pusher = PusherComponent(self.pusher, adapter)
+            try:
+                token = read_token(plan.gateway)
+            except ConfigError as exc:
+                raise ConfigError(source, exc.key, exc.message) from None
+            adapter = GatewayAdminAdapter(plan.gateway.admin_url, token)
+            pusher = PusherComponent(GatewayPusher(self.registry, adapter, self.config.name,
+                                                   plan.gateway.resync_interval, plan.gateway.retry_interval), adapter)
 
             async def start_pushing() -> list[str]:
                 await pusher.start()

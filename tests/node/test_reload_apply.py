@@ -249,3 +249,30 @@ def test_reload_cli_prints_changes_and_refusals(tmp_path, capsys, monkeypatch):
     assert "changed: firewall: 2 inbound" in out and "needs restart (left as it was): tunnel.listen_port" in out
     assert cli.main(["reload", "--socket", str(tmp_path / "s.sock")]) == 1
     assert "reload refused, nothing changed: node.toml: key 'firewall.inbound[0].port'" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_node_reload_starts_pushing_when_a_gateway_is_configured_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(node_main, "GatewayAdminAdapter", FakeAdmin)
+    FakeAdmin.made.clear()
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(f'name = "host-a"\ncontrol_socket = "{tmp_path}/node.sock"\n'
+                           f'[pki]\ncert = "{tmp_path}/missing.crt"\n')
+    node = node_main.build_node(load_node_config(config_path))
+    node.config_path = config_path
+    await node.start()
+    try:
+        assert node.pusher is None
+        # A token file that does not exist: refused, naming the file and key; still no pusher.
+        _write_config(config_path, tmp_path / "nope.token")
+        with pytest.raises(ConfigError, match=rf"{config_path}: key 'gateway.token_file'"):
+            await node.reload()
+        assert node.pusher is None and not FakeAdmin.made
+        (tmp_path / "nope.token").write_text("t0k3n")
+        plan = await node.reload()
+        assert plan.gateway is not None
+        await _wait_for(lambda: FakeAdmin.made and FakeAdmin.made[0].syncs)
+        assert FakeAdmin.made[0].token == "t0k3n" and node.pusher is not None
+    finally:
+        await node.stop()
+    assert FakeAdmin.made[0].closed
