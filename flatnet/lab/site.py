@@ -52,6 +52,7 @@ from flatnet.netns import NETNS_DIR, Namespace, list_namespaces
 APP_START_TIMEOUT = 10.0
 NODE_START_TIMEOUT = 20.0
 NODE_SETTLE_TIME = 3.0
+TUNNEL_UP_TIMEOUT = 15.0  # both nodes start at once: the handshake needs at most one retry (5 s)
 ROUTE_WAIT_TIMEOUT = 15.0  # a node pushes its containers' routes once the gateway answers
 GATEWAY_START_TIMEOUT = 20.0
 CHROMIUM_FLAGS = (
@@ -226,7 +227,33 @@ class Lab:
             for host, problem in pool.map(_import_image, [stack for stack, _ in started]):
                 if problem:
                     raise UserError(f"importing the busybox image on {host} failed: {problem}")
+        self._serve_through_tunnels(manifest)
         self.state.save(manifest)
+
+    def _serve_through_tunnels(self, manifest: Manifest) -> None:
+        """One gateway serves every host's services: once host B's node and its entry host A's node
+        have a tunnel up, the Windows host routes B's container subnet to A's VM (topology
+        ``served_through``); A's node carries it to B, masquerading the gateway's address."""
+        topo = self.topology
+        tunnel = manifest.facts.get("tunnel", [])
+        for host, entry in topo.served_through.items():
+            if host not in tunnel or entry not in tunnel:
+                continue
+            stack = wsl.WslStack(self.state.dir, topo, entry)
+            peer_ip = str(wsl.flatnet_ip(topo, host))
+            deadline = time.monotonic() + TUNNEL_UP_TIMEOUT
+            while not any(p["ip"] == peer_ip and p["up"] for p in wsl.tunnel_peers(stack.control_socket)):
+                if time.monotonic() > deadline:
+                    manifest.notes.append(
+                        f"{host} through {entry}'s tunnel: the tunnel did not come up in {TUNNEL_UP_TIMEOUT:.0f} s; "
+                        f"the Windows host routes {topo.container_subnets[host]} to {host} directly"
+                    )
+                    break
+                time.sleep(0.1)
+            else:
+                subnet = topo.container_subnets[host]
+                Namespace(self.ns(topo.gateway_host)).add_route(subnet, gateway=stack.underlay_address())
+                manifest.facts.setdefault("served_through", {})[host] = entry
 
     def _wait_for_node(self, record: ProcessRecord, stack: wsl.WslStack) -> str | None:
         """None once the node is up, else what went wrong.
@@ -482,6 +509,10 @@ class Lab:
             self.out("Containers:")
             for line in self.container_lines(manifest):
                 self.out(f"  {line}")
+        if manifest.facts.get("tunnel"):
+            self.out("Tunnel peers:")
+            for line in self.tunnel_lines(manifest):
+                self.out(f"  {line}")
         self.out("Routes:")
         self.out("  " + "\n  ".join(self.route_lines(manifest)))
         check = self.check(manifest)
@@ -515,6 +546,30 @@ class Lab:
                 continue
             found = result.stdout.strip().splitlines()
             lines += [f"{host}: {c}" for c in found] or [f"{host}: (none)"]
+        return lines
+
+    def tunnel_lines(self, manifest: Manifest) -> list[str]:
+        """Each tunnel node's peers (its control socket's ``status``). A peer without a session is
+        not a fault: sessions end after 180 s without traffic and come back on demand."""
+        lines = []
+        for host in manifest.facts.get("tunnel", []):
+            stack = wsl.WslStack(self.state.dir, self.topology, host)
+            peers = wsl.tunnel_peers(stack.control_socket)
+            if not peers:
+                lines.append(f"{host}: no answer from flatnet-node ({stack.control_socket})")
+            for p in peers:
+                age = p["handshake_age"]
+                state = "up" if p["up"] else "no session (handshakes on the next packet)"
+                handshake = f", handshake {age:.0f} s ago" if age is not None else ""
+                lines.append(
+                    f"{host} -> {p['name'] or '?'} {p['ip']}: {state}, endpoint {p['endpoint'] or '-'}{handshake}, "
+                    f"in {p['rx_bytes']} B, out {p['tx_bytes']} B"
+                )
+        for host, entry in manifest.facts.get("served_through", {}).items():
+            lines.append(
+                f"{self.topology.gateway_host} reaches {host}'s containers ({self.topology.container_subnets[host]}) "
+                f"through {entry}'s tunnel"
+            )
         return lines
 
     def route_lines(self, manifest: Manifest) -> list[str]:
@@ -601,18 +656,26 @@ class Lab:
                 tunnel = ", tunnel" if p.host in manifest.facts.get("tunnel", []) else ""
                 runs[p.host].append(f"flatnet-node pid {p.pid} (control socket, CNI service, gateway pusher{tunnel})")
         kinds = {"demo-app": "Python demo app", "podman-httpd": "Podman container (busybox httpd) on --network flatnet"}
+        served_through = manifest.facts.get("served_through", {})
         for s in manifest.facts.get("services", []):
             route = "route pushed by flatnet-node" if s.get("pushed_by") == "node" else "route pushed by the lab"
             if gateway.get("mode") == "static":
                 route = "route in the static nginx config"
+            if s["host"] in served_through:
+                route += f"; the gateway reaches it through {served_through[s['host']]}'s tunnel"
             runs[s["host"]].append(f"{s['name']}: {kinds.get(s['kind'], s['kind'])} at {s['backend']} ({route})")
+        for host, entry in served_through.items():
+            via = wsl.WslStack(self.state.dir, topo, entry).underlay_address()
+            runs[topo.gateway_host].append(
+                f"route {topo.container_subnets[host]} via {via}: {host}'s containers through {entry}'s Flatnet tunnel"
+            )
         lines = [f"Flatnet lab {self.prefix!r} is up (state, logs and configs in {self.state.dir}).", ""]
         for host in topo.hosts:
             addrs = ", ".join(topo.addresses_of(host.name))
             lines.append(f"  {host.name:<5} {self.ns(host.name):<16} {addrs}")
             lines.append(f"        {host.description}")
             for item in runs[host.name]:
-                lines.append(f"        runs {item}")
+                lines.append(f"        {item}" if item.startswith("route ") else f"        runs {item}")
         if manifest.facts.get("routes_pushed_from"):
             lines.append(f"\nRoutes pushed with `flatnet gateway sync` from {manifest.facts['routes_pushed_from']}.")
         if manifest.notes:

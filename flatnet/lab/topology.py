@@ -129,6 +129,10 @@ class Topology:
     wsl_hosts: tuple[str, ...] = ()
     # wsl host -> its container subnet
     container_subnets: dict[str, str] = field(default_factory=dict)
+    # wsl host -> the wsl host whose tunnel the Windows host reaches it through, once every node
+    # runs the tunnel: "one gateway serves every host's services" (docs/lab.md). Until then, and
+    # without the tunnel, the route of ``routes`` (straight to the host's own VM) stays.
+    served_through: dict[str, str] = field(default_factory=dict)
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -181,6 +185,7 @@ OFFICE = Topology(
     blocked_ports=(BlockPort("win", "lan0", ADMIN_PORT),),
     wsl_hosts=("wsl1", "wsl2"),
     container_subnets={"wsl1": "10.87.1.0/24", "wsl2": "10.87.2.0/24"},
+    served_through={"wsl2": "wsl1"},
 )
 
 # Services: "web" is the issue-2 job (an app in wsl1 reached from the LAN). With Podman and the CNI

@@ -83,6 +83,28 @@ def control_ping(socket_path: Path, timeout: float = 1.0) -> bool:
         return False
 
 
+def tunnel_peers(socket_path: Path, timeout: float = 2.0) -> list[dict]:
+    """The node's tunnel peers from its control socket (``status``); [] if it does not answer.
+
+    Each: ip, name, up, endpoint, handshake_age (seconds or None), rx_bytes, tx_bytes.
+    """
+    from flatnet.node.control import ControlClient, ControlError
+
+    try:
+        status = ControlClient(socket_path, timeout=timeout).call("status")
+    except (OSError, ControlError, ValueError):
+        return []
+    peers = []
+    for ip, peer in sorted(status.get("peers", {}).items()):
+        peers.append({
+            "ip": ip, "name": peer.get("name"), "up": bool(peer.get("up")), "endpoint": peer.get("endpoint"),
+            "handshake_age": peer.get("handshake_age"),
+            "rx_bytes": peer.get("tunnel_rx_bytes", peer.get("rx_bytes", 0)),
+            "tx_bytes": peer.get("tunnel_tx_bytes", peer.get("tx_bytes", 0)),
+        })  # fmt: skip
+    return peers
+
+
 class WslStack:
     """Paths and commands of one WSL2 host's node, plugin and Podman."""
 
