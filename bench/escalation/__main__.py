@@ -77,7 +77,6 @@ def simnet(seeds: int) -> None:
 def lab() -> None:
     import itertools
     import os
-    import subprocess
     import tempfile
     import time
     from pathlib import Path
@@ -113,7 +112,7 @@ def lab() -> None:
                 t0 = time.monotonic()
                 first = None
                 while first is None and time.monotonic() - t0 < 30:
-                    ping = nat.host_a.run(["ping", "-c1", "-W1", FLATNET["b"]], check=False, stdout=subprocess.DEVNULL)
+                    ping = nat.host_a.run(["ping", "-c1", "-W1", FLATNET["b"]], check=False)
                     if ping.returncode == 0:
                         first = time.monotonic() - t0
                 direct, current = None, None

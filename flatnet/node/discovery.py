@@ -45,6 +45,7 @@ from lighthouse.client import (
 log = logging.getLogger("flatnet.node.discovery")
 
 RESOLVE_RETRY = 5.0  # a peer not found (or not answered) is asked for again after this
+RELAY_RETRY = 5.0  # a relay session asked for and not offered is asked for again after this
 
 
 class NodeDiscovery:
@@ -73,7 +74,7 @@ class NodeDiscovery:
                 mux.add_candidate(ip, endpoint, now, Rung.PUNCHED)
         self.wanted: dict[IPv4Address, float] = {IPv4Address(ip): now for ip in wanted_peers}
         self.use_relays = use_relays
-        self._relay_asked: set[IPv4Address] = set()
+        self._relay_asked: dict[IPv4Address, float] = {}  # peer -> when we asked (until an offer)
         self._unsent: list[tuple[IPv4Address, bytes]] = []
         self._observed: dict = {}
         self._last_refresh = float("-inf")
@@ -123,8 +124,16 @@ class NodeDiscovery:
 
     def tick(self, now: float) -> None:
         self.client.tick(now)
+        for host, asked in self._relay_asked.items():
+            if now - asked > RELAY_RETRY:  # no offer came (refused, lost, lighthouse restarted)
+                self._relay_asked[host] = now
+                self.counters["relay-re-requested"] += 1
+                self.client.request_relay(host, now)
+        # Ask only once a lighthouse has our record: a query from a node it does not know gets no
+        # punch notice sent to the peer, and a relay request is refused.
+        registered = any(acked is not None for acked, _ in self.client.lighthouse_status().values())
         for ip, due in self.wanted.items():
-            if due <= now:
+            if due <= now and registered:
                 result = self.client.resolve(ip, now)
                 if result is not None:
                     self._resolved(result, now)
@@ -143,6 +152,7 @@ class NodeDiscovery:
             elif isinstance(event, PunchRequested):
                 self.counters["punch-requested"] += 1
                 self.mux.punch(event.peer_ip, event.endpoints, now)
+                self._bring_up(event.peer_ip, now)  # our initiation is the punch the peer waits for
             elif isinstance(event, RelayOffered):
                 self._relay_offered(event.offer, now)
             elif isinstance(event, QueryFailed):
@@ -169,13 +179,16 @@ class NodeDiscovery:
         if host not in self.wanted and result.address in self.wanted:
             self.wanted.setdefault(host, now + RESOLVE_RETRY)
         self.mux.punch(host, result.endpoints, now)
+        self._bring_up(host, now)
+        if self.use_relays and result.relays and host not in self._relay_asked:
+            self._relay_asked[host] = now
+            self.client.request_relay(host, now)
+
+    def _bring_up(self, host: IPv4Address, now: float) -> None:
         if self.engine.session_for(host, now) is None:
             # Bring the tunnel up now (send_control starts the handshake and drops the empty
             # payload): the probes are keyed from its session, so paths are found before traffic.
             self.engine.send_control(b"", host, now)
-        if self.use_relays and result.relays and host not in self._relay_asked:
-            self._relay_asked.add(host)
-            self.client.request_relay(host, now)
 
     def _relay_offered(self, offer, now: float) -> None:
         relays, seen = [], set()
@@ -188,7 +201,7 @@ class NodeDiscovery:
             self.counters["relay-offer-empty"] += 1
             return
         self.counters["relay-offered"] += 1
-        self._relay_asked.add(offer.peer_ip)
+        self._relay_asked[offer.peer_ip] = float("inf")  # granted: never ask again for this peer
         self.mux.add_relay(offer.peer_ip, offer.session_id, offer.side, offer.token, relays, now)
         self.relay_endpoints_added(relays)
 

@@ -72,6 +72,7 @@ log = logging.getLogger("flatnet.node.paths")
 UDP = "udp"
 TCP = "tcp"
 _HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INITIATION, MessageType.HANDSHAKE_RESPONSE, MessageType.COOKIE_REPLY})
+INITIATION_RESENDS = (0.2, 0.5, 1.0, 2.0)  # seconds after an initiation: its copies on every path
 _RFC1918 = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
@@ -136,6 +137,10 @@ class PeerPaths:
         self.probe_key: bytes | None = None
         self.peer_public: bytes | None = None
         self.probing = True
+        # The last handshake initiation, re-sent on every path a few times while punching opens
+        # the NATs (a copy lost to a not-yet-open NAT would otherwise cost REKEY_TIMEOUT, 5 s).
+        self.initiation: bytes | None = None
+        self.initiation_resends: list[float] = []
         self.relays: dict[bytes, RelaySessionBinding] = {}  # session id -> binding
 
 
@@ -321,6 +326,8 @@ class PathMux:
             return None
         if parsed.type == TYPE_BIND_ACK:
             self.counters["relay.bind-ack"] += 1
+            if binding.acked_at is None:  # the relay path just opened: a pending handshake can use it
+                self._resend_initiation(peer, now)
             binding.acked_at = now
             if transport == binding.transport:
                 binding.unacked = 0
@@ -403,7 +410,24 @@ class PathMux:
             self.set_peer_key(peer.ip, certificate.public_key, now)
         return peer.probe_key
 
+    def _resend_initiation(self, peer: PeerPaths, now: float) -> None:
+        if peer.initiation is None:
+            return
+        status = self.engine.peers.get(peer.ip)  # O(peers), a few times per handshake
+        if status is None or not status.handshake_pending or self.engine.session_for(peer.ip, now) is not None:
+            # done, or abandoned (simultaneous initiation: the engine answers the peer's instead);
+            # a stale copy arriving later would start a needless second handshake
+            peer.initiation, peer.initiation_resends = None, []
+            return
+        self.counters["handshake.resent"] += 1
+        for path in peer.selector.paths():
+            self._emit(peer, path, peer.initiation, now)
+
     def _tick_peer(self, peer: PeerPaths, now: float) -> None:
+        if peer.initiation_resends and now >= peer.initiation_resends[0]:
+            while peer.initiation_resends and now >= peer.initiation_resends[0]:
+                peer.initiation_resends.pop(0)
+            self._resend_initiation(peer, now)
         if peer.probe_key is None and peer.probing:
             self._ensure_key(peer, now)
         for probe in peer.selector.tick(now):
@@ -444,6 +468,8 @@ class PathMux:
             t = peer.selector.get_timer()
             if t is not None:
                 deadlines.append(t)
+            if peer.initiation_resends:
+                deadlines.append(peer.initiation_resends[0])
             for b in peer.relays.values():
                 deadlines.append(b.next_bind_at)
                 if b.next_udp_trial_at is not None:
@@ -480,6 +506,9 @@ class PathMux:
         if data and data[0] in _HANDSHAKE_TYPES:
             for path in peer.selector.paths():
                 self._emit(peer, path, data, now)
+            if data[0] == MessageType.HANDSHAKE_INITIATION:
+                peer.initiation = bytes(data)
+                peer.initiation_resends = [now + d for d in INITIATION_RESENDS]
             return
         path = peer.selector.current()
         if path is None:
