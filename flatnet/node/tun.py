@@ -66,6 +66,12 @@ class TunDevice:
 
     def configure(self, address: ipaddress.IPv4Address, routes: list, mtu: int) -> None:
         """MTU, this node's address (/32), up, and a route for each network in *routes* (netlink)."""
+        # Flatnet routes IPv4 only: without this the kernel sends IPv6 router solicitations and MLD
+        # reports into the TUN as the link comes up, counted as drops that are no one's fault.
+        disable_ipv6 = f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6"
+        if os.path.exists(disable_ipv6):
+            with open(disable_ipv6, "w") as f:
+                f.write("1")
         with IPRoute() as ip:
             index = ip.link_lookup(ifname=self.name)[0]
             ip.link("set", index=index, mtu=mtu)
