@@ -245,32 +245,41 @@ class DiscoveryService:
         self._task = asyncio.create_task(self._run(), name="discovery")
 
     async def _run(self) -> None:
-        inbox = self.control_inbox
         while True:
-            now = self.clock()
-            while inbox:
-                peer_ip, msg_type, payload = inbox.popleft()
-                if msg_type == MessageType.CONTROL and peer_ip in self.discovery.lighthouses:
-                    self.discovery.take_control(payload, peer_ip, now)
-            while (change := self.discovery.mux.next_path_event()) is not None:
-                if change[1].reason == "dead":
-                    self.discovery.path_died(now)
-            if self.auto_endpoints is not None and now >= self._next_poll:
-                self._next_poll = now + 2.0
-                port, exclude = self.auto_endpoints
-                try:
-                    endpoints = await asyncio.to_thread(local_endpoints, port, exclude)
-                except OSError:
-                    endpoints = None
-                if endpoints is not None:
-                    self.discovery.set_lan_endpoints(endpoints, self.clock())
-            self.discovery.tick(now)
-            # Control datagrams (and handshakes) the engine queued: the data plane drains the
-            # engine only on traffic and its timers, so send them now, on their paths.
-            for data, addr in self.discovery.engine.datagrams_to_send():
-                self.endpoint.send(data, addr)
-            self.endpoint.tick()
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end discovery for the life of the node
+                self.discovery.counters["internal-error"] += 1
+                log.exception("discovery round failed")
             await asyncio.sleep(self.interval)
+
+    async def _round(self) -> None:
+        inbox = self.control_inbox
+        now = self.clock()
+        while inbox:
+            peer_ip, msg_type, payload = inbox.popleft()
+            if msg_type == MessageType.CONTROL and peer_ip in self.discovery.lighthouses:
+                self.discovery.take_control(payload, peer_ip, now)
+        while (change := self.discovery.mux.next_path_event()) is not None:
+            if change[1].reason == "dead":
+                self.discovery.path_died(now)
+        if self.auto_endpoints is not None and now >= self._next_poll:
+            self._next_poll = now + 2.0
+            port, exclude = self.auto_endpoints
+            try:
+                endpoints = await asyncio.to_thread(local_endpoints, port, exclude)
+            except OSError:
+                endpoints = None
+            if endpoints is not None:
+                self.discovery.set_lan_endpoints(endpoints, self.clock())
+        self.discovery.tick(now)
+        # Control datagrams (and handshakes) the engine queued: the data plane drains the
+        # engine only on traffic and its timers, so send them now, on their paths.
+        for data, addr in self.discovery.engine.datagrams_to_send():
+            self.endpoint.send(data, addr)
+        self.endpoint.tick()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -310,6 +319,7 @@ class Escalation:
     async def stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
+        await self.endpoint.stop()
 
     def status(self) -> dict:
         out = {

@@ -851,11 +851,21 @@ class EscalatingEndpoint:
         self._flush_own()
         return True
 
+    async def stop(self) -> None:
+        """Stop the ticker and close the TCP relay connections (before :meth:`close`)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        for conn in self._relay_tcp.values():
+            await conn.stop()
+        self._relay_tcp.clear()
+
     def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        for conn in self._relay_tcp.values():
+        for conn in self._relay_tcp.values():  # not awaited: the loop may be gone (use stop() first)
             if conn._task is not None:
                 conn._task.cancel()
         self._relay_tcp.clear()
