@@ -710,6 +710,12 @@ class Lab:
                 f"  nsenter --net={NETNS_DIR}/{self.ns(a)} ping -c 3 {wsl.flatnet_ip(topo, b)}"
                 f"     # {a} -> {b} through the Flatnet tunnel"
             )
+        for host, entry in manifest.facts.get("served_through", {}).items():
+            lines.append(
+                f"  flatnet lab exec{self._prefix_arg()} {host} -- podman run -d --network flatnet --name far "
+                "--label flatnet.port=80 localhost/flatnet-busybox httpd -f -p 80 -h /www"
+            )
+            lines.append(f"  {lan} curl http://{topo.gateway_lan_address}/far/     # gateway -> {entry} -> tunnel -> {host}")
         if gateway.get("domain"):
             host = f"{path.strip('/')}.{gateway['domain']}"
             lines.append(f"  {lan} curl -H 'Host: {host}' http://{topo.gateway_lan_address}/       # by name")
