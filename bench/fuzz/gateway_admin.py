@@ -28,7 +28,8 @@ SYNC = {"owner": "node-1", "generation": 1, "routes": [{"name": "web", "backends
 NAMES = ["web", "api", "x", "a" * 63, "a" * 64, "Bad_Name", "web%2Fx", "..", "%00", "we b", "ü", "web/extra", ""]
 PATHS = ["/api/v1/routes", "/api/v1/sync", "/api/v1/", "/api/v1/routes/", "/", "/api/v2/routes",
          "/api/v1/routes?x=1", "/api/v1/../v1/routes", "//api//v1//routes", "/api/v1/routes/web#frag"]
-# nginx's built-in error pages for the two 5xx answers HTTP requires of a parser (see feed()).
+# nginx's built-in error pages for the two 5xx answers HTTP requires of a parser (see feed()); the
+# gateway's Lua answers JSON, never these HTML pages.
 PARSER_STATUSES = {501: b"<h1>501 Not Implemented</h1>", 505: b"<h1>505 HTTP Version Not Supported</h1>"}
 METHODS = ["GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT", "get", "PROPFIND", "X" * 40]
 
@@ -158,7 +159,9 @@ class GatewayAdminSurface(Surface):
             self.no_answer += 1  # nginx may close on a request it cannot parse at all
             return
         self.statuses[status] = self.statuses.get(status, 0) + 1
-        if status in PARSER_STATUSES and PARSER_STATUSES[status] in answer:
+        head = answer.split(b"\r\n\r\n", 1)[0]
+        if status in PARSER_STATUSES and (PARSER_STATUSES[status] in answer or (  # a HEAD answer has no body
+                request.startswith(b"HEAD ") and b"Content-Type: text/html" in head)):
             # nginx's own HTTP parser answered, before any Lua ran, as the RFCs require: 501 for an
             # unknown transfer-coding (RFC 9112 section 6.1), 505 for an HTTP major version it does
             # not speak (RFC 9110 section 15.6.6). Not a server failure.
