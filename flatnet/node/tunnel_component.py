@@ -231,6 +231,8 @@ class TunnelComponent:
                     for endpoint in endpoints:
                         self.escalation.mux.add_candidate(peer.ip, endpoint, now)
                 done.append(f"peer {peer.ip} endpoints {peer.endpoints}")
+            if peers:
+                engine.learn_routes(now)  # a new peer's certificate names its subnets (docs/dataplane.md)
             if identity is not None:
                 restarted = engine.set_identity(identity, now)
                 if self.escalation is not None:
