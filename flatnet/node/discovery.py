@@ -46,6 +46,7 @@ log = logging.getLogger("flatnet.node.discovery")
 
 RESOLVE_RETRY = 5.0  # a peer not found (or not answered) is asked for again after this
 RELAY_RETRY = 5.0  # a relay session asked for and not offered is asked for again after this
+RELAY_WAIT = 2.0  # the higher-IP end waits this long for the lower's session before asking itself
 
 
 class NodeDiscovery:
@@ -73,6 +74,8 @@ class NodeDiscovery:
             for endpoint in endpoints:
                 mux.add_candidate(ip, endpoint, now, Rung.PUNCHED)
         self.wanted: dict[IPv4Address, float] = {IPv4Address(ip): now for ip in wanted_peers}
+        for ip in self.wanted:
+            mux.add_peer(ip, now)  # the engine routes to it (its virtual endpoint) from the start
         self.use_relays = use_relays
         self._relay_asked: dict[IPv4Address, float] = {}  # peer -> when we asked (until an offer)
         self._unsent: list[tuple[IPv4Address, bytes]] = []
@@ -108,6 +111,7 @@ class NodeDiscovery:
             self.wanted[ip] = now
 
     def want(self, peer_ip, now: float) -> None:
+        self.mux.add_peer(peer_ip, now)
         self.wanted.setdefault(IPv4Address(peer_ip), now)
 
     def take_event(self, event, now: float) -> bool:
@@ -120,6 +124,7 @@ class NodeDiscovery:
     def take_control(self, payload: bytes, lighthouse, now: float) -> None:
         """A CONTROL payload from a lighthouse (authenticated by the tunnel)."""
         self.client.handle_control(payload, IPv4Address(lighthouse), now)
+        self._resolve_due(now)  # the first RegisterAck lets the queries go
         self._after_client(now)
 
     def tick(self, now: float) -> None:
@@ -129,19 +134,29 @@ class NodeDiscovery:
                 self._relay_asked[host] = now
                 self.counters["relay-re-requested"] += 1
                 self.client.request_relay(host, now)
+        self._resolve_due(now)
+        self._after_client(now)
+
+    def registered(self) -> bool:
+        return any(acked is not None for acked, _ in self.client.lighthouse_status().values())
+
+    def _resolve_due(self, now: float) -> None:
         # Ask only once a lighthouse has our record: a query from a node it does not know gets no
         # punch notice sent to the peer, and a relay request is refused.
-        registered = any(acked is not None for acked, _ in self.client.lighthouse_status().values())
+        if not self.registered():
+            return
         for ip, due in self.wanted.items():
-            if due <= now and registered:
+            if due <= now:
                 result = self.client.resolve(ip, now)
                 if result is not None:
                     self._resolved(result, now)
                 self.wanted[ip] = now + RESOLVE_RETRY
-        self._after_client(now)
 
     def next_deadline(self) -> float:
-        deadlines = [self.client.next_deadline(), *self.wanted.values()]
+        deadlines = [self.client.next_deadline()]
+        if self.registered():
+            deadlines.extend(self.wanted.values())
+        deadlines.extend(t + RELAY_RETRY for t in self._relay_asked.values() if t != float("inf"))
         return min(deadlines)
 
     def _after_client(self, now: float) -> None:
@@ -181,8 +196,13 @@ class NodeDiscovery:
         self.mux.punch(host, result.endpoints, now)
         self._bring_up(host, now)
         if self.use_relays and result.relays and host not in self._relay_asked:
-            self._relay_asked[host] = now
-            self.client.request_relay(host, now)
+            # Both ends usually resolve each other; one session per pair is enough: the lower IP
+            # asks at once, the higher waits RELAY_WAIT for the offer that session brings it.
+            if self.engine.certificate.ip.ip < host:
+                self._relay_asked[host] = now
+                self.client.request_relay(host, now)
+            else:
+                self._relay_asked[host] = now - RELAY_RETRY + RELAY_WAIT
 
     def _bring_up(self, host: IPv4Address, now: float) -> None:
         if self.engine.session_for(host, now) is None:
