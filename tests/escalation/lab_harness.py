@@ -27,8 +27,13 @@ SUBNET = {"a": "10.87.1.0/24", "b": "10.87.2.0/24"}
 PORT = 4242
 
 
-def write_files(directory: Path, lab: NatLab) -> dict[str, Path]:
-    """CA, certificates and keys, the relay secret, lighthouse.toml and a node.toml per host."""
+SECOND_LIGHTHOUSE_IP = "10.87.255.2"
+SECOND_LIGHTHOUSE_ADDRESS = "100.64.2.254"  # the internet namespace's other address
+
+
+def write_files(directory: Path, lab: NatLab, lighthouses: int = 1) -> dict[str, Path]:
+    """CA, certificates and keys, the relay secret, lighthouse.toml (lighthouse2.toml with two) and
+    a node.toml per host listing every lighthouse."""
     directory.mkdir(parents=True, exist_ok=True)
     now = int(time.time())
     ca_cert, ca_key = new_ca("lab-ca", not_after=now + 86400, not_before=now - 3600)
@@ -43,19 +48,25 @@ def write_files(directory: Path, lab: NatLab) -> dict[str, Path]:
         write_certificate(directory / f"{name}.crt", cert, force=True)
         write_host_key(directory / f"{name}.key", key, force=True)
 
-    identity("lighthouse", LIGHTHOUSE_IP, [])
     (directory / "relay.secret").write_text(os.urandom(24).hex())
-    lh = lab.lighthouse_address
-    (directory / "lighthouse.toml").write_text(
-        # Bound to the one public address: a socket on 0.0.0.0 would answer the second router from
-        # the other link's address, which its NAT does not let in.
-        f'name = "lh"\nlisten_host = "{lh}"\nlisten_port = 4242\ntick_interval = 0.2\n'
-        f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/lighthouse.crt"\nkey = "{directory}/lighthouse.key"\n'
-        f'[relay]\nsecret_file = "{directory}/relay.secret"\nserve = true\nudp_port = 3478\ntcp_port = 443\n'
-        f'listen_host = "{lh}"\n'
-        f'advertise = ["udp://{lh}:3478", "tcp://{lh}:443"]\n'
-    )
-    configs = {"lighthouse": directory / "lighthouse.toml"}
+    configs = {}
+    hosts = []
+    all_lighthouses = [("lighthouse", LIGHTHOUSE_IP, lab.lighthouse_address)]
+    if lighthouses > 1:
+        all_lighthouses.append(("lighthouse2", SECOND_LIGHTHOUSE_IP, SECOND_LIGHTHOUSE_ADDRESS))
+    for name, ip, lh in all_lighthouses:
+        identity(name, ip, [])
+        (directory / f"{name}.toml").write_text(
+            # Bound to one public address: a socket on 0.0.0.0 would answer the second router from
+            # the other link's address, which its NAT does not let in.
+            f'name = "{name}"\nlisten_host = "{lh}"\nlisten_port = 4242\ntick_interval = 0.2\n'
+            f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/{name}.crt"\nkey = "{directory}/{name}.key"\n'
+            f'[relay]\nsecret_file = "{directory}/relay.secret"\nserve = true\nudp_port = 3478\ntcp_port = 443\n'
+            f'listen_host = "{lh}"\n'
+            f'advertise = ["udp://{lh}:3478", "tcp://{lh}:443"]\n'
+        )
+        configs[name] = directory / f"{name}.toml"
+        hosts.append(f'{{ ip = "{ip}", endpoints = ["{lh}:4242"] }}')
     for side, other in (("a", "b"), ("b", "a")):
         identity(f"host-{side}", FLATNET[side], [SUBNET[side]])
         text = (
@@ -63,7 +74,7 @@ def write_files(directory: Path, lab: NatLab) -> dict[str, Path]:
             f'[pki]\nca = "{directory}/ca.crt"\ncert = "{directory}/host-{side}.crt"\nkey = "{directory}/host-{side}.key"\n'
             f'[tunnel]\nlisten_host = "0.0.0.0"\nlisten_port = {PORT}\ntun_name = "flatnet0"\n'
             f'[[peers]]\nip = "{FLATNET[other]}"\n'
-            f'[lighthouse]\nhosts = [{{ ip = "{LIGHTHOUSE_IP}", endpoints = ["{lh}:4242"] }}]\n'
+            f'[lighthouse]\nhosts = [{", ".join(hosts)}]\n'
         )
         path = directory / f"{side}.toml"
         path.write_text(text)

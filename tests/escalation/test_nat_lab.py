@@ -28,12 +28,15 @@ A_IP, B_IP = FLATNET["a"], FLATNET["b"]
 
 
 class Lab:
-    def __init__(self, netns_factory, tmp_path, **kwargs):
+    def __init__(self, netns_factory, tmp_path, lighthouses: int = 1, **kwargs):
         self.lab = build_nat_lab(netns_factory, **kwargs)
-        self.configs = write_files(tmp_path, self.lab)
+        self.configs = write_files(tmp_path, self.lab, lighthouses)
         self.processes = []
         self.lighthouse = start_lighthouse(self.lab.internet, self.configs["lighthouse"])
         self.processes.append(self.lighthouse)
+        if lighthouses > 1:
+            self.lighthouse2 = start_lighthouse(self.lab.internet, self.configs["lighthouse2"])
+            self.processes.append(self.lighthouse2)
         self.a = start_node(self.lab.host_a, self.configs["a"])
         self.processes.append(self.a)
         self.b = start_node(self.lab.host_b, self.configs["b"])
@@ -147,3 +150,19 @@ def test_underlay_address_change_mid_transfer_recovers(make_lab):
     wait_for_rung(lab.a, B_IP, "punched", timeout=40)  # and back on a direct path
     status = node_status(lab.a)["escalation"]
     assert status["discovery"]["counters"].get("underlay-changed", 0) >= 1
+
+
+def test_a_lighthouse_killed_while_a_second_is_up(make_lab):
+    lab = make_lab(lighthouses=2, nat_a=CONE, nat_b=CONE)
+    lab.transfer_intact()
+    wait_for_rung(lab.a, B_IP, "punched")
+    lab.lighthouse.stop()  # the first lighthouse (and its relay) dies
+    lab.transfer_intact()  # the existing tunnel carries on
+    # a node that starts now (B restarted: no state at all) finds its peer through the second one
+    lab.b.stop()
+    lab.b = start_node(lab.lab.host_b, lab.configs["b"])
+    lab.processes.append(lab.b)
+    lab.transfer_intact()
+    wait_for_rung(lab.b, A_IP, "punched")
+    lighthouses = node_status(lab.b)["escalation"]["discovery"]["lighthouses"]
+    assert lighthouses["10.87.255.1"]["acked_at"] is None and lighthouses["10.87.255.2"]["acked_at"] is not None
