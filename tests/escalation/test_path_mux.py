@@ -170,3 +170,13 @@ def test_flatnet_status_shows_the_rung_per_peer():
     lines = format_peers(status).splitlines()
     assert "punched " in lines[1] and "host-b" in lines[1] and "punched 900, udp-relay 100" in lines[1]
     assert "udp-relay?" in lines[2] and " no " in lines[2]
+
+
+def test_peer_rung_metric_follows_the_selector():
+    from flatnet.node.discovery import observe_escalation
+    from flatnet.observability import Metrics
+
+    a, _, now = connected_pair()
+    metrics = Metrics()
+    observe_escalation(metrics, a, now)
+    assert metrics.sample("peer_rung", peer="10.87.2.1") == int(Rung.DIRECT_LAN)
