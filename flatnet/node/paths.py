@@ -72,6 +72,7 @@ log = logging.getLogger("flatnet.node.paths")
 UDP = "udp"
 TCP = "tcp"
 _HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INITIATION, MessageType.HANDSHAKE_RESPONSE, MessageType.COOKIE_REPLY})
+MAX_PATHS_PER_PEER = 16  # candidates (LAN, punched, learned) and relay sessions of one peer
 INITIATION_RESENDS = (0.2, 0.5, 1.0, 2.0)  # seconds after an initiation: its copies on every path
 _RFC1918 = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
@@ -193,6 +194,9 @@ class PathMux:
         owner = self._by_address.get(addr)
         if owner is not None and owner != peer.ip:
             self.counters["candidate-claimed-by-other-peer"] += 1
+            return
+        if owner is None and len(peer.selector.paths()) >= MAX_PATHS_PER_PEER:
+            self.counters["candidate-over-limit"] += 1  # bounded memory, whatever a peer claims
             return
         self._by_address[addr] = peer.ip
         if peer.selector.add_path(Path(rung, addr), now):

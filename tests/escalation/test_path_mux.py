@@ -180,3 +180,13 @@ def test_peer_rung_metric_follows_the_selector():
     metrics = Metrics()
     observe_escalation(metrics, a, now)
     assert metrics.sample("peer_rung", peer="10.87.2.1") == int(Rung.DIRECT_LAN)
+
+
+def test_candidates_per_peer_are_bounded():
+    from flatnet.node.paths import MAX_PATHS_PER_PEER
+
+    a, _ = make_pair()
+    for port in range(100):
+        a.add_candidate("10.87.2.1", ("198.51.100.2", 40000 + port), T0)
+    assert len(a.peers[IPv4Address("10.87.2.1")].selector.paths()) == MAX_PATHS_PER_PEER
+    assert a.counters["candidate-over-limit"] == 100 - MAX_PATHS_PER_PEER
