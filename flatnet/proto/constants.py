@@ -23,6 +23,10 @@ KEEPALIVE_TIMEOUT = 10.0
 REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 # Sent data but heard nothing back for this long: the peer may be gone, start a new handshake.
 NEW_HANDSHAKE_AFTER_SILENCE = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+# Flatnet's own: a simultaneous initiation shows the peer is there now; the lower key, which keeps
+# initiating, retries this soon if its own initiation (maybe sent before the peer listened) goes
+# unanswered, rather than at REKEY_TIMEOUT. Far above any LAN or relay round trip.
+SIMULTANEOUS_INITIATION_RETRY = 1.0
 
 # --- replay window (RFC 6479 style; WireGuard uses 2048 - 64) -----------------------------------------
 REPLAY_WINDOW_SIZE = 4096

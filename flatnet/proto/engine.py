@@ -31,8 +31,8 @@ initiator's first transport message arrives on it). At most one handshake we ini
                                             | send a keepalive (confirms us to the responder)
     valid initiation                        | answer; the new session waits in `next`
     valid initiation while pending          | lower static key keeps initiating: it drops theirs
-      (simultaneous initiation)             | and sends its own again (same bytes: the peer may
-                                            | have lost it); higher key abandons its own, answers
+      (simultaneous initiation)             | and retries its own after 1 s, not 5 s, if still
+                                            | unanswered; higher key abandons its own, answers
     first transport message on `next`       | next becomes current (previous <- old current); flush
     session age >= 180 s (REJECT)           | forget it; if it was current: PeerDown
     received, nothing sent for 10 s         | keepalive (passive keepalive)
@@ -67,6 +67,7 @@ from flatnet.proto.constants import (
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
+    SIMULTANEOUS_INITIATION_RETRY,
 )
 from flatnet.proto.cookie_reply import encode_cookie_reply, parse_cookie_reply
 from flatnet.proto.cookies import CookieChecker, NetworkMacs
@@ -110,7 +111,6 @@ class PendingHandshake:
     retry_at: float
     mac1: bytes  # of the initiation we sent: a cookie reply must be bound to it
     endpoint: Address
-    datagram: bytes = b""  # the initiation itself: sent again as is when the peer shows up
 
 
 @dataclass(frozen=True)
@@ -588,13 +588,14 @@ class TunnelEngine:
             if peer.pending is not None and self._static_public < cert.public_key:
                 # Simultaneous initiation: the lower static key stays initiator; the other side
                 # yields when our initiation reaches it. Ours may have been lost (both nodes just
-                # started, the peer was not listening yet): send it again now that the peer is
-                # evidently there, rather than at the retry timer (REKEY_TIMEOUT). The same bytes:
-                # if the first copy did arrive, the peer drops this one as a replay. Once per
-                # authenticated, fresh initiation of theirs (its timestamp is remembered).
+                # started, the peer was not listening yet): the peer is evidently there now, so
+                # retry after SIMULTANEOUS_INITIATION_RETRY rather than REKEY_TIMEOUT if no
+                # response comes. (Not at once: if ours did arrive, a second initiation would only
+                # cost both sides a handshake and a dropped response.) Their timestamp is
+                # remembered, so a replay of this initiation changes nothing.
                 peer.last_initiation_timestamp = payload.timestamp_us
                 self.stats["simultaneous-initiation-kept"] += 1
-                self._outbox.append((peer.pending.datagram, addr))
+                peer.pending.retry_at = min(peer.pending.retry_at, now + SIMULTANEOUS_INITIATION_RETRY)
                 return None
         try:
             noise_response = handshake.write_response(state, self._certificate_bytes)
@@ -660,7 +661,7 @@ class TunnelEngine:
         endpoint = candidates[peer.attempts % len(candidates)]
         peer.attempts += 1
         jitter = self._uniform() * REKEY_TIMEOUT_JITTER_MAX
-        peer.pending = PendingHandshake(state, local_index, now, now + REKEY_TIMEOUT + jitter, mac1, endpoint, datagram)
+        peer.pending = PendingHandshake(state, local_index, now, now + REKEY_TIMEOUT + jitter, mac1, endpoint)
         self._pending[local_index] = peer
         self._outbox.append((datagram, endpoint))
         self.stats["initiation-sent"] += 1

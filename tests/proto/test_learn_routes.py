@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from flatnet.proto.constants import REKEY_ATTEMPT_TIME, REKEY_TIMEOUT
+from flatnet.proto.constants import REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, SIMULTANEOUS_INITIATION_RETRY
 from flatnet.proto.events import PacketReceived
 from flatnet.proto.header import MessageType
 from tests.proto.harness import Wire, ipv4_packet, make_ca, make_node, pair
@@ -70,28 +70,32 @@ def test_no_route_traffic_to_an_unreachable_peer_costs_one_initiation_per_retry_
 def test_both_nodes_starting_together_meet_without_waiting_for_the_retry_timer():
     # Both learn routes at start; the lower static key's initiation is lost (its peer was not
     # listening yet). Before: the higher key's initiation was dropped as "simultaneous" and both
-    # waited REKEY_TIMEOUT. Now the lower key sends its initiation again at once.
+    # waited REKEY_TIMEOUT. Now the lower key retries after SIMULTANEOUS_INITIATION_RETRY.
     wire, a, b = pair()
     low, high = (a, b) if a.engine.certificate.public_key < b.engine.certificate.public_key else (b, a)
+    start = wire.now
     low.engine.learn_routes(wire.now)
     low.engine.datagrams_to_send()  # lost
     high.engine.learn_routes(wire.now)
     wire.run()
     assert low.engine.stats["simultaneous-initiation-kept"] == 1
+    assert low.engine.get_timer() == start + SIMULTANEOUS_INITIATION_RETRY
+    wire.advance(SIMULTANEOUS_INITIATION_RETRY)
+    assert wire.now - start < REKEY_TIMEOUT
     assert low.engine.session_for(IPv4Address(high.ip.split("/")[0]), wire.now) is not None
     assert high.engine.session_for(IPv4Address(low.ip.split("/")[0]), wire.now) is not None
     assert not low.engine.drops and not high.engine.drops
 
 
-def test_a_resent_initiation_that_had_arrived_is_dropped_as_a_replay():
+def test_simultaneous_initiations_that_both_arrive_cost_two_handshakes_and_no_drops():
     wire, a, b = pair()
     a.engine.learn_routes(wire.now)
     b.engine.learn_routes(wire.now)
-    wire.run()  # both delivered: one side keeps, re-sends; the other yields and answers once
+    wire.run()  # one side keeps its initiation, the other yields and answers it
+    wire.advance(REKEY_TIMEOUT + 1)  # the earlier retry timer found nothing left to do
     assert a.engine.stats["handshake-dh"] + b.engine.stats["handshake-dh"] == 2
-    kept = a if a.engine.stats["simultaneous-initiation-kept"] else b
-    other = b if kept is a else a
-    assert dict(other.engine.drops) == {"replayed-initiation": 1} and not kept.engine.drops
+    assert a.engine.stats["initiation-sent"] == b.engine.stats["initiation-sent"] == 1
+    assert not a.engine.drops and not b.engine.drops
     packet = ipv4_packet(A_IP, B_CONTAINER, b"after")
     a.engine.send_packet(packet, wire.now)
     wire.run()
