@@ -158,7 +158,7 @@ class Dataplane:
         dst = ipaddress.ip_address(flow.dst)
         session = self.engine.session_for(dst, now)
         if session is None:
-            self._slow_path(pkt, flow, flags, gso, now)
+            self._slow_path(pkt, flow, flags, gso, gso_size, now)
             return
         peer = self._identity(session)
         if not self.firewall.allow(
@@ -286,10 +286,22 @@ class Dataplane:
         path.flows[key] = end
         return False
 
-    def _slow_path(self, pkt, flow: P.Flow, flags: int, gso: int, now: float) -> None:
+    def _slow_path(self, pkt, flow: P.Flow, flags: int, gso: int, gso_size: int, now: float) -> None:
         """No session yet: the engine queues the packet and handshakes; checksums done here."""
         if gso != P.GSO_NONE:
-            self.drops["no_session_superpacket"] += 1  # TCP resends it once the tunnel is up
+            # A super-packet (a TCP sender's first burst after its session ended while idle): cut
+            # into plain segments with full checksums for the engine to queue, so the handshake
+            # starts now rather than at TCP's retransmission timeout, and nothing is lost.
+            pieces = None
+            if gso in (P.GSO_TCPV4, P.GSO_TCPV6) and flow.proto == P.PROTO_TCP and gso_size:
+                pieces = P.split_tcp_superpacket(pkt, gso_size, 1)
+            if pieces is None:
+                self.drops["no_session_superpacket"] += 1
+                return
+            for piece in pieces:
+                P.complete_checksum(piece, P.parse_flow(piece))
+                self.engine.send_packet(bytes(piece), now)
+            self._drain_engine(now)
             return
         if flags & P.VNET_NEEDS_CSUM:
             pkt = bytearray(pkt)
