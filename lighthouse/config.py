@@ -24,6 +24,9 @@ Example ``lighthouse.toml``::
     listen_host = "0.0.0.0"
     udp_port = 3478
     tcp_port = 443
+
+    [metrics]                      # Prometheus /metrics (docs/operations.md); "" disables
+    listen = "127.0.0.1:9588"
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from flatnet import config
 from flatnet.config import port_check, positive_check
-from flatnet.node.config import PkiConfig
+from flatnet.node.config import PkiConfig, metrics_listen_check
 
 DEFAULT_CONFIG_PATH = Path("/etc/flatnet/lighthouse.toml")
 
@@ -93,6 +96,11 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class LighthouseMetricsConfig:
+    listen: str = field(default="127.0.0.1:9588", metadata={"check": metrics_listen_check})  # "": off
+
+
+@dataclass(frozen=True)
 class LighthouseConfig:
     name: str = "lighthouse"
     listen_host: str = "0.0.0.0"
@@ -101,6 +109,7 @@ class LighthouseConfig:
     pki: PkiConfig = field(default_factory=PkiConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    metrics: LighthouseMetricsConfig = field(default_factory=LighthouseMetricsConfig)
 
 
 def load_lighthouse_config(path: str | Path = DEFAULT_CONFIG_PATH) -> LighthouseConfig:

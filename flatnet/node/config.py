@@ -29,6 +29,9 @@ Sections are owned by the part that uses them; every field has its default besid
 
     [lighthouse]                   # discovery + Graceful Escalation (docs/escalation.md)
     hosts = [{ ip = "10.87.255.1", endpoints = ["203.0.113.50:4242"] }]
+
+    [metrics]                      # Prometheus /metrics (docs/operations.md); "" disables
+    listen = "127.0.0.1:9587"
 """
 
 from __future__ import annotations
@@ -108,6 +111,31 @@ class NodeLighthouseConfig:
     relays: bool = True  # ask the lighthouses for relay sessions
 
 
+def metrics_listen_check(value: str) -> str | None:
+    """``"HOST:PORT"`` (an IP address) or ``""`` (no exporter)."""
+    return None if value == "" or parse_listen(value) is not None else f"expected HOST:PORT or \"\", got {value!r}"
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:9587"`` -> ``("127.0.0.1", 9587)``; None if empty or malformed."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where the Prometheus exporter listens. Loopback by default: metrics name peers and routes,
+    so serving them beyond the host is an operator's explicit choice."""
+
+    listen: str = field(default="127.0.0.1:9587", metadata={"check": metrics_listen_check})
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -120,6 +148,7 @@ class NodeConfig:
     gateway: GatewayPushConfig = field(default_factory=GatewayPushConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)  # flatnet/firewall.py
     lighthouse: NodeLighthouseConfig = field(default_factory=NodeLighthouseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load_node_config(path: str | Path = DEFAULT_CONFIG_PATH) -> NodeConfig:

@@ -39,7 +39,7 @@ from flatnet.node.config import GatewayPushConfig, NodeConfig, StaticPeer
 
 # Top-level keys and sections a running node cannot take over; each is reported by its key.
 RESTART_KEYS = ("name", "control_socket", "flatnet_range")
-RESTART_SECTIONS = ("tunnel", "cni", "lighthouse")
+RESTART_SECTIONS = ("tunnel", "cni", "lighthouse", "metrics")
 
 
 @dataclass(frozen=True)
