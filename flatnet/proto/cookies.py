@@ -114,6 +114,10 @@ class CookieChecker:
                 return True
         return False
 
-    def make_reply(self, receiver_index: int, mac1_value: bytes, addr, now: float) -> CookieReply:
+    def make_reply(
+        self, receiver_index: int, mac1_value: bytes, addr, now: float, macs: NetworkMacs | None = None
+    ) -> CookieReply:
+        """A cookie reply, sealed under `macs` (the network key the initiator's mac1 used; ours by default)."""
         nonce = self._random_bytes(NONCE_SIZE)
-        return CookieReply(receiver_index, nonce, self._macs.seal_cookie(self.cookie_for(addr, now), mac1_value, nonce))
+        sealer = macs if macs is not None else self._macs
+        return CookieReply(receiver_index, nonce, sealer.seal_cookie(self.cookie_for(addr, now), mac1_value, nonce))

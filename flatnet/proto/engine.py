@@ -196,8 +196,10 @@ class TunnelEngine:
             self._random_bytes = rng.randbytes
         else:
             self._random_bytes = rng
+        self._network_key_override = network_key
         self._macs = NetworkMacs(network_key if network_key is not None else certificate.issuer)
         self._cookies = CookieChecker(self._macs, self._random_bytes)
+        self._accepted_macs = self._macs_accepted_under(trust)
         self._limiter = rate_limiter or HandshakeRateLimiter()
         self._strict = strict
         self._peers: dict[IPv4Address, Peer] = {}
@@ -261,6 +263,7 @@ class TunnelEngine:
         if certificate.issuer != self.certificate.issuer:
             self._macs = NetworkMacs(certificate.issuer)
             self._cookies = CookieChecker(self._macs, self._random_bytes)
+            self._accepted_macs = self._macs_accepted_under(self.trust)
         self.certificate = certificate
         self._static_key = static_key
         self._static_public = certificate.public_key
@@ -275,11 +278,34 @@ class TunnelEngine:
             started.append(peer.ip)
         return started
 
+    def _macs_accepted_under(self, trust) -> tuple[NetworkMacs, ...]:
+        """The mac1 keys a handshake message may carry: ours first, then every trusted CA's.
+
+        We sign with our own issuer's key; we accept any trusted CA's, so that while the team
+        rotates its CA (both CAs trusted) hosts on the old and the new CA still reach each other.
+        Trying a few HMACs is cheap next to the DH work mac1 protects.
+        """
+        if self._network_key_override is not None:
+            return (self._macs,)
+        accepted = [self._macs]
+        for ca in getattr(trust, "cas", ()):
+            fingerprint = ca.fingerprint()
+            if fingerprint != self.certificate.issuer:
+                accepted.append(NetworkMacs(fingerprint))
+        return tuple(accepted)
+
+    def _mac1_key_of(self, mac1_input: bytes, mac1: bytes) -> NetworkMacs | None:
+        for macs in self._accepted_macs:
+            if macs.mac1_valid(mac1_input, mac1):
+                return macs
+        return None
+
     def set_trust(self, trust, now: float) -> list[IPv4Address]:
         """Replace the trust store (a reloaded blocklist or CA set) and cut off, at once, every peer
         whose certificate it no longer accepts: its sessions are forgotten, PeerDown("revoked").
         Returns those peers' addresses. Handshakes from then on are checked against `trust`."""
         self.trust = trust
+        self._accepted_macs = self._macs_accepted_under(trust)
         revoked = []
         for peer in self._peers.values():
             sessions = peer.sessions()
@@ -560,12 +586,14 @@ class TunnelEngine:
             msg = parse_handshake_initiation(data)
         except MalformedMessage as e:
             return self._drop(e.reason)
-        if not self._macs.mac1_valid(msg.mac1_input, msg.mac1):
+        sender_macs = self._mac1_key_of(msg.mac1_input, msg.mac1)
+        if sender_macs is None:
             return self._drop("bad-mac1")
         # DoS gate (whitepaper §5.3): under load, demand a cookie before any DH or signature work.
         if self._limiter.under_load(now):
             if not self._cookies.mac2_valid(msg.mac2_input, msg.mac2, addr, now):
-                reply = self._cookies.make_reply(msg.sender_index, msg.mac1, addr, now)
+                # sealed under the key the initiator used, so it can open it
+                reply = self._cookies.make_reply(msg.sender_index, msg.mac1, addr, now, macs=sender_macs)
                 self._outbox.append((encode_cookie_reply(reply), addr))
                 self.stats["cookie-sent"] += 1
                 return self._drop("cookie-required")
@@ -680,7 +708,7 @@ class TunnelEngine:
         peer = self._pending.get(msg.receiver_index)
         if peer is None:
             return self._drop("unknown-index")
-        if not self._macs.mac1_valid(msg.mac1_input, msg.mac1):
+        if self._mac1_key_of(msg.mac1_input, msg.mac1) is None:
             return self._drop("bad-mac1")
         pending = peer.pending
         state = pending.state.clone()  # a bad response must leave the pending handshake as it was
