@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flatnet.lab.nat import NatLab
 from flatnet.pki.cert import new_ca, sign_host
 from flatnet.pki.files import write_certificate, write_host_key
-from flatnet.testing.tunnel_pair import start_node
+from flatnet.testing.tunnel_pair import start_node as _start_node
 
 LIGHTHOUSE_IP = "10.87.255.1"
 FLATNET = {"a": "10.87.1.1", "b": "10.87.2.1"}
@@ -98,7 +98,12 @@ class Process:
         return "".join(self.output) + (out or "")
 
 
-def start_lighthouse(ns, config: Path, timeout: float = 20.0) -> Process:
+def start_node(ns, config: Path, timeout: float = 40.0):
+    """The tunnel component in *ns* (generous start-up time: the machine is shared)."""
+    return _start_node(ns, config, timeout=timeout)
+
+
+def start_lighthouse(ns, config: Path, timeout: float = 40.0) -> Process:
     proc = ns.popen(
         [sys.executable, "-m", "lighthouse.main", "--config", str(config), "--log-level", "INFO"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -123,7 +128,7 @@ def _readline(proc, timeout: float) -> str | None:
     return line or None
 
 
-def node_status(node, timeout: float = 5.0) -> dict:
+def node_status(node, timeout: float = 20.0) -> dict:
     """The node's status (what `flatnet status` shows): SIGUSR1 makes it print one JSON line."""
     node.proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + timeout
