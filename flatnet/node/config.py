@@ -92,6 +92,10 @@ class GatewayPushConfig:
     token_file: Path | None = None
     resync_interval: float = field(default=30.0, metadata={"check": positive_check})  # full sync, seconds
     retry_interval: float = field(default=1.0, metadata={"check": positive_check})  # after a failed push
+    # Follow the lighthouses' service catalogue: route every other host's services on this gateway
+    # too, under owner "catalogue.<node name>" (docs/gateway.md "Following the catalogue").
+    follow_catalogue: bool = False
+    catalogue_interval: float = field(default=10.0, metadata={"check": positive_check})  # seconds between fetches
 
 
 @dataclass(frozen=True)
