@@ -225,12 +225,30 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def start_exporter(metrics: Metrics, port: int, host: str = "127.0.0.1"):
+class _RefreshedRegistry:
+    """A registry view that calls *refresh* before each scrape (collectors read counters then)."""
+
+    def __init__(self, registry: CollectorRegistry, refresh) -> None:
+        self.registry, self.refresh = registry, refresh
+
+    def collect(self):
+        self.refresh()
+        return self.registry.collect()
+
+    def restricted_registry(self, names):
+        self.refresh()
+        return self.registry.restricted_registry(names)
+
+
+def start_exporter(metrics: Metrics, port: int, host: str = "127.0.0.1", before_scrape=None):
     """Serve ``/metrics`` on host:port (port 0: any free port) in a daemon thread.
 
-    Returns ``(server, thread)``; ``server.server_address[1]`` is the port; stop it with
-    ``server.shutdown(); server.server_close()``. Loopback by default: see the module docstring."""
-    return start_http_server(port, addr=host, registry=metrics.registry)
+    *before_scrape*: called (in the exporter's thread) before each scrape, to bring the metrics up
+    to date from the cores' counters. Returns ``(server, thread)``; ``server.server_address[1]`` is
+    the port; stop it with ``server.shutdown(); server.server_close()``. Loopback by default: see
+    the module docstring."""
+    registry = metrics.registry if before_scrape is None else _RefreshedRegistry(metrics.registry, before_scrape)
+    return start_http_server(port, addr=host, registry=registry)
 
 
 def metrics_table_markdown() -> str:
@@ -259,12 +277,24 @@ def observe_tunnel(metrics: Metrics, engine, dataplane=None) -> None:
     metrics["sessions"].set(len(engine._sessions))
     metrics["queued_packets"].set(queued)
     metrics.absorb_counter("drops_total", engine.drops, "reason", component="tunnel")
-    metrics.absorb_counter("tunnel_bytes_total", {"rx": rx, "tx": tx}, "direction")
-    handshakes = {k.replace("handshake-", ""): v for k, v in engine.stats.items() if k.startswith("handshake")}
-    if handshakes:
-        metrics.absorb_counter("handshakes_total", handshakes, "outcome")
+    # Handshakes: initiations sent, initiations answered, and DH completed on either side (the
+    # engine's stats); failed = gave up after REKEY_ATTEMPT_TIME (the data plane counts those events).
+    stats = engine.stats
+    handshakes = {"initiated": stats.get("initiation-sent", 0), "answered": stats.get("response-sent", 0),
+                  "completed": stats.get("handshake-dh", 0)}
+    rx_packets = tx_packets = 0
     if dataplane is not None:
+        # The data plane's fast path seals and opens without the engine: its per-peer counters.
+        for path in list(dataplane.paths.values()):
+            rx += path.rx_bytes
+            tx += path.tx_bytes
+            rx_packets += path.rx_packets
+            tx_packets += path.tx_packets
+        handshakes["failed"] = dataplane.stats.get("handshakes-failed", 0)
         metrics.absorb_counter("drops_total", dataplane.drops, "reason", component="dataplane")
+        metrics.absorb_counter("tunnel_packets_total", {"rx": rx_packets, "tx": tx_packets}, "direction")
+    metrics.absorb_counter("tunnel_bytes_total", {"rx": rx, "tx": tx}, "direction")
+    metrics.absorb_counter("handshakes_total", handshakes, "outcome")
 
 
 def observe_lighthouse(metrics: Metrics, core, relay_table=None) -> None:
