@@ -34,6 +34,8 @@ from flatnet.proto.control import TRANSPORT_UDP
 from flatnet.proto.events import ControlReceived
 from flatnet.proto.header import MessageType
 from lighthouse.client import (
+    CatalogueFailed,
+    CatalogueReceived,
     ClientSettings,
     LighthouseClient,
     PeerResolved,
@@ -172,6 +174,8 @@ class NodeDiscovery:
                 self._relay_offered(event.offer, now)
             elif isinstance(event, QueryFailed):
                 self.counters[f"query-failed.{event.reason}"] += 1
+            elif isinstance(event, (CatalogueReceived, CatalogueFailed)):
+                self.catalogue_event(event)  # the catalogue follower (flatnet/node/catalogue.py)
         for lh, (_acked, observed) in client.lighthouse_status().items():
             if observed is None:
                 continue
@@ -226,6 +230,7 @@ class NodeDiscovery:
         self.relay_endpoints_added(relays)
 
     relay_endpoints_added: Callable[[list], None] = staticmethod(lambda relays: None)
+    catalogue_event: Callable[[object], None] = staticmethod(lambda event: None)
 
     def status(self) -> dict:
         return {
