@@ -31,6 +31,7 @@ Errors: bad input from the network is dropped and counted in :attr:`drops` by re
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -38,7 +39,10 @@ from dataclasses import dataclass, field
 from flatnet.firewall import INBOUND, OUTBOUND, Firewall, PeerIdentity, identity_of
 from flatnet.node import packet as P
 from flatnet.node.reassembly import Reassembly
+from flatnet.observability import HANDSHAKE_FAILED, PEER_DOWN, PEER_UP, log_event
 from flatnet.proto import batch as B
+
+log = logging.getLogger("flatnet.node.dataplane")
 
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
@@ -535,10 +539,15 @@ class Dataplane:
             elif peer_ip is not None and name == "PeerUp":
                 self.paths.setdefault(peer_ip, PeerPath(self.settings.max_cap)).up_since = now
                 self._identity_cache.clear()
+                log_event(log, PEER_UP, peer=str(peer_ip), endpoint=_format_endpoint(getattr(event, "endpoint", None)))
             elif peer_ip is not None and name == "PeerDown":
                 path = self.paths.get(peer_ip)
                 if path is not None:
                     path.up_since = None
+                log_event(log, PEER_DOWN, peer=str(peer_ip), reason=getattr(event, "reason", ""))
+            elif peer_ip is not None and name == "HandshakeFailed":
+                self.stats["handshakes-failed"] += 1
+                log_event(log, HANDSHAKE_FAILED, logging.WARNING, peer=str(peer_ip), reason=getattr(event, "reason", ""))
 
     def _deliver_event_packet(self, event, now: float) -> None:
         pkt = memoryview(event.packet)
