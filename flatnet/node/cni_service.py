@@ -46,6 +46,15 @@ from cni.ipam import Lease
 from cni.spec import CniError, CniRequest
 from flatnet.node.config import NodeConfig
 from flatnet.node.control import BAD_REQUEST, ControlError, ControlServer
+from flatnet.observability import (
+    CNI_ADD,
+    CNI_DEL,
+    CNI_FAILED,
+    ROUTE_PUSH_FAILED,
+    ROUTE_PUSHED,
+    ROUTE_REMOVED,
+    log_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +260,11 @@ class GatewayPusher:
             else:
                 for name in sorted(set(self.published) - set(desired)):
                     await self.client.delete(name)
+                    log_event(log, ROUTE_REMOVED, route=name)
                 for name, route in desired.items():
                     if self.published.get(name) != route:
                         await self.client.upsert(route)
+                        log_event(log, ROUTE_PUSHED, route=name, backends=",".join(map(str, route.get("backends", []))))
         except BaseException:
             self.published = None
             raise
@@ -273,7 +284,8 @@ class GatewayPusher:
                 timeout = max(0.0, next_full - loop.time())
             except Exception as exc:
                 self.failures += 1
-                log.warning("pushing routes to the gateway failed: %s", exc)
+                log_event(log, ROUTE_PUSH_FAILED, logging.WARNING, msg=f"pushing routes to the gateway failed: {exc}",
+                          error=str(exc))
                 timeout = self.retry_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout)
@@ -368,6 +380,7 @@ class CniService:
         self._lookups: dict[str, asyncio.Task] = {}
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = None  # flatnet.observability.Metrics: CNI calls and their latency
 
     def register(self, server: ControlServer) -> None:
         server.register("cni", self.handle_cni)
@@ -394,11 +407,29 @@ class CniService:
             raise ControlError(BAD_REQUEST, f"bad cni request: {exc}") from None
         self.requests += 1
         self._loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
             result = await asyncio.to_thread(self._run, request)
         except CniError as exc:
+            self._observe(request, "failed", started)
+            log_event(log, CNI_FAILED, logging.WARNING, command=request.command, container=(request.container_id or "")[:12],
+                      error=str(exc))
             return {"cniError": exc.to_json(request.cni_version)}
+        except BaseException:
+            self._observe(request, "failed", started)
+            raise
+        self._observe(request, "ok", started)
+        if request.command in ("ADD", "DEL"):
+            ips = (result or {}).get("ips") or [{}]
+            address = ips[0].get("address", "") if request.command == "ADD" else ""
+            log_event(log, CNI_ADD if request.command == "ADD" else CNI_DEL, container=(request.container_id or "")[:12],
+                      **({"address": address} if address else {}))
         return {"result": result}
+
+    def _observe(self, request: CniRequest, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics["cni_calls_total"].labels(command=request.command, outcome=outcome).inc()
+            self.metrics["cni_call_seconds"].labels(command=request.command).observe(time.monotonic() - started)
 
     def _run(self, request: CniRequest) -> dict[str, Any] | None:
         """In a worker thread: the core's work, then hand registry changes to the event loop."""
