@@ -228,6 +228,13 @@ def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
         tunnel = TunnelComponent(config)
         tunnel.register(control)
         node.components.append(tunnel)
+        if config.lighthouse.hosts:  # publish this host's services; follow everyone's if asked
+            from flatnet.node.catalogue import CatalogueComponent
+
+            gw = config.gateway
+            node.components.append(CatalogueComponent(
+                config.name, registry, lambda: tunnel.escalation.discovery if tunnel.escalation else None,
+                admin_client, gw.follow_catalogue, gw.catalogue_interval, gw.resync_interval, gw.retry_interval))
     else:  # a node without a certificate serves its own host's containers only (and says so)
         log.error("no certificate at %s: the tunnel is off (see `flatnet cert sign`)", config.pki.cert)
     return node
