@@ -237,6 +237,12 @@ def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
                 admin_client, gw.follow_catalogue, gw.catalogue_interval, gw.resync_interval, gw.retry_interval))
     else:  # a node without a certificate serves its own host's containers only (and says so)
         log.error("no certificate at %s: the tunnel is off (see `flatnet cert sign`)", config.pki.cert)
+    # Prometheus /metrics last: started when everything it reads exists, stopped first.
+    from flatnet.node.metrics_component import metrics_component
+
+    exporter = metrics_component(node)
+    if exporter is not None:
+        node.components.append(exporter)
     return node
 
 
