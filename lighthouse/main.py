@@ -1,9 +1,10 @@
 """flatnet-lighthouse: ``flatnet-lighthouse --config lighthouse.toml``.
 
 Loads the typed configuration, builds the tunnel engine from the lighthouse's own certificate and
-the team's CA, and serves discovery over UDP until SIGINT/SIGTERM. What is not here yet: the
-Prometheus export. With ``[relay] serve = true`` a relay (``lighthouse/relay_service.py``) runs in
-the same process; with ``[relay] secret_file`` and ``advertise`` the lighthouse grants sessions.
+the team's CA, and serves discovery over UDP until SIGINT/SIGTERM; Prometheus metrics on
+``[metrics] listen`` (``lighthouse/exporter.py``). With ``[relay] serve = true`` a relay
+(``lighthouse/relay_service.py``) runs in the same process; with ``[relay] secret_file`` and
+``advertise`` the lighthouse grants sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from collections import Counter
 
 from flatnet.config import ConfigError
 from lighthouse.config import DEFAULT_CONFIG_PATH, LighthouseConfig, load_lighthouse_config
@@ -96,6 +98,7 @@ async def serve(config: LighthouseConfig, engine, config_path: str | None = None
 
     service = LighthouseService(engine, build_core(config), tick_interval=config.tick_interval)
     running = config
+    reloads = Counter()  # outcome -> count (the exporter's config_reloads_total)
 
     def on_hup() -> None:
         nonlocal running
@@ -109,9 +112,11 @@ async def serve(config: LighthouseConfig, engine, config_path: str | None = None
         except (ConfigError, ValueError, OSError) as exc:
             if isinstance(exc, ConfigError) and not exc.source:
                 exc = ConfigError(str(config_path), exc.key, exc.message)
+            reloads["failed"] += 1
             log_event(log, "config.reload_failed", logging.ERROR, msg="config reload refused, nothing changed",
                       file=str(config_path), error=str(exc))
             return
+        reloads["ok"] += 1
         running = dataclasses.replace(new, **{key: getattr(running, key) for key in restart})
         service._flush()  # handshakes started by a new identity go out now
         log_event(log, "config.reloaded", msg="config reloaded", file=str(config_path), changes=changes,
@@ -126,6 +131,13 @@ async def serve(config: LighthouseConfig, engine, config_path: str | None = None
 
         relay = build_relay_service(config.relay, load_relay_secret(config.relay.secret_file))
         await relay.start(config.relay.listen_host, config.relay.udp_port, config.relay.tcp_port)
+    exporter = None
+    if config.metrics.listen:
+        from lighthouse.exporter import LighthouseExporter
+
+        exporter = LighthouseExporter(config.metrics.listen, service, relay)
+        exporter.reloads = reloads
+        await exporter.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,6 +147,8 @@ async def serve(config: LighthouseConfig, engine, config_path: str | None = None
     finally:
         if config_path is not None:
             loop.remove_signal_handler(signal.SIGHUP)
+        if exporter is not None:
+            await exporter.stop()
         if relay is not None:
             await relay.stop()
         await service.stop()

@@ -59,20 +59,7 @@ class MetricsComponent:
             self._thread.join(timeout=5)
 
     def _before_scrape(self) -> None:
-        """In the exporter's thread: run :meth:`refresh` on the event loop and wait for it."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        future = asyncio.run_coroutine_threadsafe(self._refresh_async(), loop)
-        try:
-            future.result(timeout=REFRESH_TIMEOUT)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            future.cancel()
-        except Exception:  # a collector bug must not take the exporter down: scrape what there is
-            log.exception("refreshing metrics failed")
-
-    async def _refresh_async(self) -> None:
-        self.refresh()
+        refresh_on_loop(self._loop, self.refresh)
 
     def refresh(self) -> None:
         """On the event loop: copy the cores' counters into the metrics."""
@@ -93,6 +80,24 @@ class MetricsComponent:
         if node.pusher is not None:  # a reload may replace the pusher: its counts start again
             m.absorb_counter("route_pushes_total", {"ok": node.pusher.pushes, "failed": node.pusher.failures}, "outcome")
         m.absorb_counter("config_reloads_total", node.reloads, "outcome")
+
+
+def refresh_on_loop(loop: asyncio.AbstractEventLoop | None, refresh) -> None:
+    """In the exporter's thread: run *refresh* on the event loop (which owns the cores' state)
+    and wait for it, at most REFRESH_TIMEOUT."""
+    if loop is None or loop.is_closed():
+        return
+
+    async def run() -> None:
+        refresh()
+
+    try:
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        future.result(timeout=REFRESH_TIMEOUT)
+    except (concurrent.futures.TimeoutError, RuntimeError):  # busy or closing loop: the last values
+        return
+    except Exception:  # a collector bug must not take the exporter down: scrape what there is
+        log.exception("refreshing metrics failed")
 
 
 def metrics_component(node: Any) -> MetricsComponent | None:
