@@ -369,6 +369,7 @@ class CatalogueComponent:
                 for decision in follower.tick(now):
                     if isinstance(decision, FetchCatalogue):
                         self.discovery.client.request_catalogue(now)
+                        await self._read_held()
                     else:
                         await self._push(decision)
             except asyncio.CancelledError:
@@ -377,6 +378,22 @@ class CatalogueComponent:
                 self.counters["internal-error"] += 1
                 log.exception("catalogue round failed")
             await asyncio.sleep(self.tick_interval)
+
+    async def _read_held(self) -> None:
+        """Names other owners hold on the gateway now (a node pushing there itself, routes set by
+        hand): the catalogue gives them to no other host bare. Kept as it was if the gateway does
+        not answer (the push will fail and be retried anyway)."""
+        list_routes = getattr(self.admin_client, "list", None)
+        if list_routes is None:
+            return
+        try:
+            table = await list_routes()
+        except Exception as exc:
+            self.counters["gateway-list-failed"] += 1
+            log.debug("reading the gateway's routes failed: %s", exc)
+            return
+        owner = self.follower.owner
+        self.follower.set_held({r.name: tuple(r.backends) for r in table.routes if r.owner != owner})
 
     async def _push(self, decision: SyncRoutes) -> None:
         follower = self.follower

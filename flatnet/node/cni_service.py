@@ -193,6 +193,10 @@ class GatewayAdminAdapter:
     async def delete(self, name: str) -> Any:
         return await self._client.delete(name)
 
+    async def list(self) -> Any:
+        """The gateway's ``RouteTable`` (routes as ``Route`` objects, with their owners)."""
+        return await self._client.list()
+
     async def close(self) -> None:
         close = getattr(self._client, "close", None) or getattr(self._client, "aclose", None)
         if close is not None:

@@ -9,6 +9,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from flatnet.gateway.admin import RouteTable
+from flatnet.gateway.routes import Route
 from flatnet.node.catalogue import (
     CatalogueComponent,
     CatalogueFollower,
@@ -199,6 +201,10 @@ class FakeDiscovery:
 class RecordingGateway:
     def __init__(self):
         self.syncs = []
+        self.other_routes = []  # routes other owners hold
+
+    async def list(self):
+        return RouteTable(tuple(self.other_routes), {})
 
     async def sync(self, owner, generation, routes):
         self.syncs.append((owner, generation, routes))
@@ -243,6 +249,15 @@ async def test_a_service_started_on_host_b_is_routed_by_the_gateway_following_on
         for _ in range(8):
             await step()
         assert [r["name"] for r in gateway.syncs[-1][2]] == ["shop-host-2"]
+        # a name someone else holds on the gateway is not taken bare; a route B pushes there itself
+        # with the same backend is not duplicated
+        gateway.other_routes = [Route("docs", ("10.87.9.9:80",), owner="manual"),
+                                Route("blog", ("10.87.2.5:80",), owner="wsl-b")]
+        reg_b.put(RegistryService("b3", "docs", IPv4Address("10.87.2.4"), 80))
+        reg_b.put(RegistryService("b4", "blog", IPv4Address("10.87.2.5"), 80))
+        for _ in range(8):
+            await step()
+        assert [r["name"] for r in gateway.syncs[-1][2]] == ["docs-host-2", "shop-host-2"]
     finally:
         await publisher.stop()
         await follower_side.stop()
