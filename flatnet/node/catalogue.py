@@ -307,7 +307,9 @@ class CatalogueComponent:
     and, with *admin_client* and ``follow_catalogue``, follows the catalogue onto the gateway.
 
     *admin_client*: ``sync(owner, generation, routes as JSON dicts)`` (the node's
-    ``GatewayAdminAdapter``); *discovery_of*: returns the tunnel's ``NodeDiscovery`` once started.
+    ``GatewayAdminAdapter``); *discovery_of*: returns the tunnel's ``NodeDiscovery`` once started;
+    *clock*: the clock that discovery runs on (the tunnel's Unix time), since ``request_catalogue``
+    takes ``now`` and the client times the fetch out on its own ticks.
     """
 
     def __init__(self, node_name: str, registry: ServiceRegistry, discovery_of: Callable[[], Any],
@@ -415,8 +417,18 @@ class CatalogueComponent:
                 await self._task
             self._task = None
 
+    def register(self, server) -> None:
+        """``catalogue`` on the node's control socket: what is published and followed."""
+
+        async def catalogue(request: dict) -> dict:
+            return self.status()
+
+        server.register("catalogue", catalogue)
+
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counters": dict(self.counters)}
+        out: dict[str, Any] = {"counters": dict(self.counters), "following": self.follower is not None}
+        if self.discovery is not None:
+            out["published"] = [f"{s.name} {s.ip}:{s.port}" for s in self.discovery.client.services]
         if self.follower is not None:
             out["follower"] = self.follower.status()
         return out

@@ -232,9 +232,12 @@ def build_node(config: NodeConfig, admin_client: Any = None) -> Node:
             from flatnet.node.catalogue import CatalogueComponent
 
             gw = config.gateway
-            node.components.append(CatalogueComponent(
+            catalogue = CatalogueComponent(
                 config.name, registry, lambda: tunnel.escalation.discovery if tunnel.escalation else None,
-                admin_client, gw.follow_catalogue, gw.catalogue_interval, gw.resync_interval, gw.retry_interval))
+                admin_client, gw.follow_catalogue, gw.catalogue_interval, gw.resync_interval, gw.retry_interval,
+                clock=tunnel.clock)  # the clock discovery runs on: the client's deadlines are in it
+            catalogue.register(control)
+            node.components.append(catalogue)
     else:  # a node without a certificate serves its own host's containers only (and says so)
         log.error("no certificate at %s: the tunnel is off (see `flatnet cert sign`)", config.pki.cert)
     # Prometheus /metrics last: started when everything it reads exists, stopped first.
