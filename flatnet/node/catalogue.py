@@ -331,6 +331,7 @@ class CatalogueComponent:
         self._events: list[Any] = []
         self._task: asyncio.Task | None = None
         self._running = False
+        self._subscribed = False
 
     async def start(self) -> None:
         self.discovery = self.discovery_of()
@@ -339,7 +340,9 @@ class CatalogueComponent:
                 log.error("follow_catalogue needs [lighthouse] hosts: not following")
             return
         self._running = True
-        self.registry.subscribe(self._registry_changed)
+        if not self._subscribed:
+            self._subscribed = True
+            self.registry.subscribe(self._registry_changed)
         self._registry_changed()
         if self.follow:
             self.discovery.catalogue_event = self._events.append
@@ -416,6 +419,33 @@ class CatalogueComponent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def prepare_reload(self, plan):
+        """New ``[gateway]`` settings: read the token now (may raise ConfigError), then restart
+        following with them (a fresh follower: its first sync replaces what the old one pushed).
+        Returns ``async apply() -> list[str]`` or None."""
+        gateway = plan.gateway
+        if gateway is None or self.discovery is None:
+            return None
+        admin_client = None
+        if gateway.admin_url and gateway.follow_catalogue:
+            from flatnet.node.cni_service import GatewayAdminAdapter
+            from flatnet.node.main import read_token
+
+            admin_client = GatewayAdminAdapter(gateway.admin_url, read_token(gateway))
+
+        async def apply() -> list[str]:
+            await self.stop()
+            self.admin_client = admin_client
+            self.follow = admin_client is not None
+            interval = gateway.catalogue_interval
+            self.settings = FollowerSettings(interval=interval, hold=max(40.0, 4 * interval),
+                                             resync_interval=gateway.resync_interval,
+                                             retry_interval=gateway.retry_interval)
+            self.follower = None
+            await self.start()
+            return [f"catalogue: following onto {gateway.admin_url}" if self.follow else "catalogue: not following"]
+        return apply
 
     def register(self, server) -> None:
         """``catalogue`` on the node's control socket: what is published and followed."""

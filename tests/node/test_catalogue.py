@@ -261,3 +261,33 @@ async def test_a_service_started_on_host_b_is_routed_by_the_gateway_following_on
     finally:
         await publisher.stop()
         await follower_side.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_reload_of_the_gateway_settings_restarts_following_with_them(tmp_path):
+    from flatnet.node.config import GatewayPushConfig
+    from flatnet.node.reload import ReloadPlan
+
+    net = Network()
+    alice = net.add_node(1, ("192.0.2.1", 1001))
+    registry = ServiceRegistry()
+    component = CatalogueComponent("wsl-a", registry, lambda: FakeDiscovery(alice, alice.ip), None, follow=False)
+    await component.start()
+    try:
+        assert component.follower is None
+        token = tmp_path / "token"
+        token.write_text("secret\n")
+        on = GatewayPushConfig(admin_url="http://127.0.0.1:9", token_file=token, follow_catalogue=True,
+                               catalogue_interval=2.0)
+        apply = component.prepare_reload(ReloadPlan(config=None, gateway=on))
+        assert await apply() == ["catalogue: following onto http://127.0.0.1:9"]
+        assert component.follower is not None and component.follower.settings.interval == 2.0
+        assert component.admin_client._client.token == "secret"
+        registry.put(RegistryService("c1", "web", IPv4Address("10.87.1.2"), 80))
+        assert component.counters["published"] == 3  # start, reload's start, the change: subscribed once
+        off = GatewayPushConfig(admin_url="http://127.0.0.1:9", token_file=token, follow_catalogue=False)
+        assert await component.prepare_reload(ReloadPlan(config=None, gateway=off))() == ["catalogue: not following"]
+        assert component.follower is None
+        assert component.prepare_reload(ReloadPlan(config=None)) is None
+    finally:
+        await component.stop()
