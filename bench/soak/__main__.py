@@ -8,8 +8,9 @@ until the time is up, in one loop:
 - **churn**: every ``--churn-interval`` s a container is started on a WSL2 host (``podman run
   --network flatnet``: CNI ADD, a route pushed) and the previous churn container is removed (DEL);
 - **samples**: every ``--sample-interval`` s the RSS, open fds and threads of every lab process
-  (flatnet-node, the gateway and its nginx workers, the apps) and each node's peers from its
-  control socket ``status``.
+  (flatnet-node, the gateway and its nginx workers, the apps), each node's peers from its
+  control socket ``status``, and a scrape of each node's ``/metrics`` (127.0.0.1:9587 in its
+  namespace; a few figures go into the CSV's note column).
 
 Writes ``soak.csv`` (one row per process per sample) into ``--out`` and prints a summary: per
 process RSS first/last/slope, fds and threads, and the error counts. Exit 1 when a process grew
@@ -59,7 +60,28 @@ def describe(argv: list[bytes]) -> str:
     for module in ("flatnet.node.main", "flatnet.gateway", "flatnet.lab.demo_app", "lighthouse"):
         if any(w.startswith(module) for w in words):
             return module
+    if "flatnet.cli" in words:  # python -m flatnet.cli gateway run ...
+        at = words.index("flatnet.cli")
+        return " ".join(["flatnet", *words[at + 1:at + 3]])
     return os.path.basename(words[0])
+
+
+NODE_METRICS_PORT = 9587  # flatnet-node's default [metrics] listen, on each host's loopback
+NOTED_METRICS = ("flatnet_peers{state=\"up\"}", "flatnet_tunnel_packets_total{direction=\"tx\"}",
+                 "flatnet_cni_calls_total", "flatnet_route_pushes_total{outcome=\"ok\"}")
+
+
+def metrics_note(text: str) -> str:
+    """A few figures from a /metrics page for the CSV: peers up, packets sent, CNI calls, pushes."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        for wanted in NOTED_METRICS:
+            if name == wanted or (name.startswith(wanted + "{") and "{" not in wanted):
+                totals[wanted] = totals.get(wanted, 0.0) + float(value)
+    return " ".join(f"{k}={v:g}" for k, v in totals.items())
 
 
 class Soak:
@@ -149,6 +171,14 @@ class Soak:
             if not peers:
                 self.errors["status"] += 1
             self.operations["status"] += 1
+            # The node's Prometheus exporter, scraped like Prometheus would (it is a thread that
+            # reads the event loop's counters: a leak there shows in the node's fds and threads).
+            self.operations["scrape"] += 1
+            answer = probe.try_http_get(self.lab.ns(host), "127.0.0.1", NODE_METRICS_PORT, "/metrics", 5.0)
+            if isinstance(answer, str) or answer.status != 200:
+                self.errors["scrape"] += 1
+            else:
+                writer.writerow([f"{t:.1f}", host, "node-metrics", "", "", "", "", metrics_note(answer.body)])
 
     # ---- the run ------------------------------------------------------------------------------
 
