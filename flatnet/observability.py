@@ -101,6 +101,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        if getattr(record, "_fields_in_msg", False):  # log_event's default message has the fields already
+            return f"{text} event={record.event}"
         extra = [f"{k}={v}" for k, v in record.__dict__.items() if k not in self._STANDARD and not k.startswith("_")]
         return text + (" " + " ".join(extra) if extra else "")
 
@@ -131,7 +133,7 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, msg
         raise ValueError(f"field names {sorted(clash)} clash with logging's own attributes")
     if logger.isEnabledFor(level):
         text = msg or event + "".join(f" {k}={v}" for k, v in fields.items())
-        logger.log(level, text, extra={"event": event, **fields})
+        logger.log(level, text, extra={"event": event, **fields, "_fields_in_msg": msg is None})
 
 
 # ==== metrics =====================================================================================
