@@ -16,6 +16,11 @@ Writes ``soak.csv`` (one row per process per sample) into ``--out`` and prints a
 process RSS first/last/slope, fds and threads, and the error counts. Exit 1 when a process grew
 (:mod:`bench.soak.growth`), a process died, or more than ``--max-error-ratio`` of the operations
 failed. The lab is always taken down at the end, on Ctrl-C or on failure too.
+
+Default growth limits: RSS fails when, after the warm-up, it grows faster than 2 MiB/h *and* by
+more than 2 MiB (2 MiB/h would be 336 MiB in a week; a 10-minute run cannot show 2 MiB, so
+only runs of about an hour or more can fail on a slow trend); fds and threads fail when the last
+quarter's lowest count is above the first quarter's highest plus 4.
 """
 
 from __future__ import annotations
@@ -257,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-interval", type=float, default=20.0)
     parser.add_argument("--churn-keep", type=int, default=2, help="churn containers kept running")
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds ignored by the growth checks")
-    parser.add_argument("--rss-slope-mib-per-hour", type=float, default=8.0)
-    parser.add_argument("--rss-min-growth-mib", type=float, default=4.0)
+    parser.add_argument("--rss-slope-mib-per-hour", type=float, default=2.0)
+    parser.add_argument("--rss-min-growth-mib", type=float, default=2.0)
     parser.add_argument("--fd-tolerance", type=float, default=4)
     parser.add_argument("--max-error-ratio", type=float, default=0.01)
     args = parser.parse_args(argv)
