@@ -137,8 +137,10 @@ class Dataplane:
 
     # ------------------------------------------------------------------ outbound
 
-    def tun_frame(self, frame, now: float) -> None:
-        """One TUN read (virtio-net header + IP packet)."""
+    def tun_frame(self, frame, now: float) -> bool | None:
+        """One TUN read (virtio-net header + IP packet). True when it was a small packet now waiting
+        in its peer's batch that someone waits for (not a pure TCP ACK): the I/O layer may
+        :meth:`flush` at once rather than after the read that would block."""
         if len(frame) <= P.VNET_HDR_LEN:
             self.drops["tun_short"] += 1
             return
@@ -209,6 +211,13 @@ class Dataplane:
             self._flush_one(pending, now)
         pending[2].append(record)
         pending[3] += len(record)
+        if flow.proto != P.PROTO_TCP:
+            return True
+        l4 = flow.l4_offset
+        # Urgent unless a pure ACK: those gather (one AEAD call for a burst of them).
+        return len(pkt) >= l4 + P.TCP_MIN_HEADER and (
+            len(pkt) > l4 + P.tcp_header_len(pkt, l4) or bool(pkt[l4 + 13] & 0x07)
+        )
 
     def flush(self, now: float) -> None:
         """Seal the small packets gathered since the last flush (call when the TUN fd would block)."""

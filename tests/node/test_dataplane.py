@@ -267,3 +267,37 @@ def test_big_segments_are_cut_to_what_one_message_can_carry():
     segments = finished_packets(pair.b.tun.written)
     assert b"".join(bytes(IP(s)[TCP].payload) for s in segments) == payload
     assert pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"] == 2
+
+
+def test_a_lone_ping_leaves_before_the_read_that_would_block_and_acks_still_gather():
+    pair = Pair()
+    pair.establish()
+    before = pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"]
+    acks = [tcp(A_IP, B_IP, 40000, 80, 1, b"", ack=1000 + i) for i in range(3)]
+    ping = icmp_echo(A_IP, B_IP, seq=9)
+    for pkt in (ping, *acks):
+        pair.a.tun.inject(frame(pkt))
+    assert pair.a.io.read_tun(pair.now) == 4
+    assert len(pair.b.io.udp.inbox) == 1  # the ping, sent as soon as it was read
+    pair.b.io.read_udp(pair.now)
+    assert finished_packets(pair.b.tun.written) == [ping]  # written before B's read would block
+    pair.a.io.emit()
+    pair.run()
+    assert finished_packets(pair.b.tun.written) == [ping, *acks]  # the ACKs: one message
+    assert pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"] == before + 2  # the ping; the ACKs
+
+
+def test_a_burst_that_starts_with_a_pure_ack_is_sent_together():
+    pair = Pair()
+    pair.establish()
+    before = pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"]
+    ack = tcp(A_IP, B_IP, 40000, 80, 1, b"", ack=1000)
+    ping = icmp_echo(A_IP, B_IP, seq=9)
+    pair.a.tun.inject(frame(ack))
+    pair.a.tun.inject(frame(ping))
+    pair.a.io.read_tun(pair.now)
+    assert not pair.b.io.udp.inbox
+    pair.a.io.emit()
+    pair.run()
+    assert finished_packets(pair.b.tun.written) == [ack, ping]
+    assert pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"] == before + 1
