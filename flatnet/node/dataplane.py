@@ -106,6 +106,23 @@ class _RxSuper:
         self.needs_csum = needs_csum
 
 
+class _Train:
+    """The pieces so far of the message whose fragments are arriving in order, one per read."""
+
+    __slots__ = ("addr", "message_id", "count", "length", "piece_size", "pieces", "total", "parity", "fragment")
+
+    def __init__(self, addr, message_id: int, count: int, length: int, piece_size: int, first, fragment) -> None:
+        self.addr = addr
+        self.message_id = message_id
+        self.count = count
+        self.length = length
+        self.piece_size = piece_size
+        self.pieces = [first]
+        self.total = piece_size
+        self.parity = None
+        self.fragment = fragment  # the datagram taken last (so the caller knows it was taken)
+
+
 class Dataplane:
     def __init__(self, engine, firewall: Firewall, settings: DataplaneSettings, *, rng=None) -> None:
         self.engine = engine
@@ -114,6 +131,7 @@ class Dataplane:
         self.drops: Counter = Counter()
         self.stats: Counter = Counter()  # how the fast path went (not errors)
         self.reassembly = Reassembly()
+        self._train: _Train | None = None
         self.paths: dict = {}  # peer Flatnet IP -> PeerPath
         self._local_ip_raw = settings.local_ip.packed
         self._local_nets = [ipaddress.ip_network(n) for n in settings.local_networks]
@@ -351,6 +369,7 @@ class Dataplane:
 
     def udp_burst_done(self, now: float) -> None:
         """The socket would block: rebuild from parity the messages still one piece short."""
+        self._spill_train(now)
         for addr, message in self.reassembly.recover_pending():
             self._datagram(message, addr, now)
 
@@ -359,13 +378,18 @@ class Dataplane:
             self.drops["udp_empty"] += 1
             return
         if data[0] == B.FRAGMENT_TYPE:
-            fragment = B.parse_fragment(data)
-            if fragment is None:
-                self.drops["fragment_malformed"] += 1
-                return
-            message = self.reassembly.add(fragment, addr, now)
+            message = self._in_order_fragment(data, addr, now)
             if message is None:
-                return
+                if self._train is not None and self._train.fragment is data:
+                    return  # taken by the train
+                self._spill_train(now)
+                fragment = B.parse_fragment(data)
+                if fragment is None:
+                    self.drops["fragment_malformed"] += 1
+                    return
+                message = self.reassembly.add(fragment, addr, now)
+                if message is None:
+                    return
             data = message
         try:
             opened = self.engine.open_data(data, addr, now)
@@ -397,6 +421,69 @@ class Dataplane:
             else:
                 self.control_inbox.append((session.peer_ip, int(msg_type), bytes(plaintext)))
         self._now = now  # opening can start a rekey: take_udp_sends collects the engine's datagrams
+
+    def _in_order_fragment(self, data, addr, now: float):
+        """The fast path for fragments arriving one datagram at a time, in order (no GRO: e.g. the
+        underlay's segmentation offload is off): appended to the current train with a header check,
+        no per-fragment objects or dictionary. The whole message once its last piece is in, else
+        None; ``self._train.fragment is data`` tells the caller the train took it. Anything out of
+        order goes through :class:`Reassembly` (the caller spills the train into it first)."""
+        if len(data) <= B.FRAGMENT_HEADER_LEN:
+            return None
+        _kind, index, count, flags, message_id, length = B.FRAGMENT_HEADER.unpack_from(data, 0)
+        size = len(data) - B.FRAGMENT_HEADER_LEN
+        train = self._train
+        if (
+            train is not None
+            and message_id == train.message_id
+            and count == train.count
+            and length == train.length
+            and addr == train.addr
+        ):
+            if flags == 0 and index == len(train.pieces):
+                if index == count - 1:
+                    if train.total + size != length:
+                        return None
+                    train.pieces.append(memoryview(data)[B.FRAGMENT_HEADER_LEN :])
+                    self._train = None
+                    self.reassembly.note_complete(addr, message_id)
+                    self.stats["fragment_trains_in_order"] += 1
+                    return b"".join(train.pieces)
+                if size == train.piece_size:
+                    train.pieces.append(memoryview(data)[B.FRAGMENT_HEADER_LEN :])
+                    train.total += size
+                    train.fragment = data
+                return None
+            if flags == B.FRAGMENT_PARITY and index == count and train.parity is None and size == train.piece_size:
+                train.parity = memoryview(data)[B.FRAGMENT_HEADER_LEN :]
+                train.fragment = data
+            return None
+        if flags == 0 and index == 0 and 2 <= count <= B.MAX_FRAGMENTS and (count - 1) * size < length <= count * size:
+            if train is not None:
+                self._spill_train(now)
+            self._train = _Train(addr, message_id, count, length, size, memoryview(data)[B.FRAGMENT_HEADER_LEN :], data)
+        return None
+
+    def _spill_train(self, now: float) -> None:
+        """Hand an unfinished train's pieces to :class:`Reassembly` (a gap, another message, the
+        burst's end): from there parity can rebuild it, or it expires."""
+        train = self._train
+        if train is None:
+            return
+        self._train = None
+        add = self.reassembly.add
+        done = []
+        for index, piece in enumerate(train.pieces):
+            message = add(B.Fragment(index, train.count, train.message_id, train.length, False, piece), train.addr, now)
+            if message is not None:
+                done.append(message)
+        if train.parity is not None:
+            fragment = B.Fragment(train.count, train.count, train.message_id, train.length, True, train.parity)
+            message = add(fragment, train.addr, now)
+            if message is not None:
+                done.append(message)
+        for message in done:
+            self._datagram(message, train.addr, now)
 
     def _deliver(self, session, path: PeerPath, pkt: memoryview, rflags: int, gso_size: int, now: float) -> None:
         flow = P.parse_flow(pkt)

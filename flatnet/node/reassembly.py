@@ -91,6 +91,13 @@ class Reassembly:
             self._recoverable[key] = None
         return None
 
+    def note_complete(self, addr, message_id: int) -> None:
+        """A message put together elsewhere (the data plane's in-order fast path): its late or
+        duplicate pieces are then recognised here, as for a message completed here."""
+        self._recent[(addr, message_id)] = None
+        if len(self._recent) > RECENT_MESSAGES:
+            self._recent.popitem(last=False)
+
     def recover_pending(self) -> list[tuple]:
         """(addr, message) for every message still one piece short with its parity: rebuilt now."""
         out = []

@@ -53,6 +53,7 @@ def test_superpacket_is_cut_at_the_cap_and_merged_back_into_one_write(gro):
     assert IP(segments[-1])[TCP].flags == "PA" and all(IP(s)[TCP].flags == "A" for s in segments[:-1])
     assert len(pair.b.dataplane.reassembly) == 0 and not pair.b.dataplane.reassembly.drops
     assert pair.b.dataplane.stats["gro_trains_joined"] == (3 if gro else 0)
+    assert pair.b.dataplane.stats["fragment_trains_in_order"] == (0 if gro else 3)  # one datagram per read
 
 
 def test_small_packets_share_one_message():
@@ -301,3 +302,47 @@ def test_a_burst_that_starts_with_a_pure_ack_is_sent_together():
     pair.run()
     assert finished_packets(pair.b.tun.written) == [ack, ping]
     assert pair.a.dataplane.status(pair.now)["peers"][B_IP]["tx_messages"] == before + 1
+
+
+@pytest.mark.parametrize("disorder", ["swap", "duplicate", "lose_last_with_parity", "interleave"])
+def test_fragments_off_the_in_order_path_still_make_their_message(disorder):
+    held = []
+
+    def impair(datagram, src, dst):
+        if datagram[0] != B.FRAGMENT_TYPE or dst != pair.b.io.udp.addr:
+            return [datagram]
+        index, count, flags = datagram[1], datagram[2], datagram[3]
+        if disorder == "swap":
+            if index == 1 and not flags and not held:
+                held.append(datagram)
+                return []
+            if index == 2 and held:
+                return [datagram, held.pop()]
+        elif disorder == "duplicate" and index == 1:
+            return [datagram, datagram]
+        elif disorder == "lose_last_with_parity" and index == count - 1 and not flags and not held:
+            held.append(datagram)
+            return []
+        elif disorder == "interleave":
+            held.append(datagram)  # all of them, handed over mixed below
+            return []
+        return [datagram]
+
+    pair = Pair(network=UdpNetwork(impair), max_cap=4, adaptive=False, parity="always")
+    pair.establish()
+    mss = 1380
+    payload = os.urandom(mss * 8)  # two messages of 4 segments
+    pair.a.tun.inject(tso_frame(tcp(A_IP, B_IP, 40000, 80, 1000, payload, partial=True), mss))
+    pump_a_only = pair.a.io
+    pump_a_only.read_tun(pair.now)
+    pump_a_only.emit()
+    if disorder == "interleave":
+        first = [d for d in held if d[4:8] == held[0][4:8]]
+        second = [d for d in held if d[4:8] != held[0][4:8]]
+        for pair_of in zip(first, second, strict=True):
+            for d in pair_of:
+                pair.b.io.udp.inbox.append((d, pair.a.io.udp.addr, 0))
+    pair.run()
+    segments = sorted((IP(s) for s in finished_packets(pair.b.tun.written)), key=lambda p: p[TCP].seq)
+    assert b"".join(bytes(p[TCP].payload) for p in segments) == payload  # a rebuilt message may come late
+    assert len(pair.b.dataplane.reassembly) == 0
