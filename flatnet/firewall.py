@@ -13,6 +13,12 @@ Theory of operation (as Nebula's firewall, which Flatnet users know):
 * Conntrack entries expire after a timeout per protocol (TCP 12 min, UDP 3 min, other 10 min, as
   Nebula), driven by the ``now`` the caller passes: no clock is read here. Expired entries are
   swept lazily on lookup and in :meth:`Firewall.tick`.
+* A TCP flow that has shown a FIN or RST (the caller passes the TCP flags) is closing: from then on
+  each of its packets keeps it only ``tcp_closing_timeout`` (120 s, as Linux's TIME_WAIT) instead
+  of 12 minutes; a SYN without ACK (the 4-tuple reused for a new connection) reopens it. Without
+  this, every short connection (each HTTP request the gateway relays) stays tracked 12 minutes
+  after it ended: the table, and the node's memory, grow for 12 minutes to rate x 720 s flows, and
+  a rate above ``max_tracked_flows`` / 720 s (139 new connections/s) fills it (``conntrack_full``).
 
 Ports: a rule's port is the *local* side's port for inbound (the service), the *remote* side's for
 outbound (the service we reach). ICMP and non-first fragments have port 0 and match only rules
@@ -31,6 +37,7 @@ from typing import Literal
 from flatnet.config import ConfigError
 
 PROTOCOLS = {"any": None, "tcp": 6, "udp": 17, "icmp": 1}
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10  # TCP header flag bits (byte 13)
 INBOUND = "inbound"
 OUTBOUND = "outbound"
 
@@ -56,6 +63,7 @@ class FirewallConfig:
     outbound: list[FirewallRuleConfig] = field(default_factory=_allow_all)
     inbound: list[FirewallRuleConfig] = field(default_factory=_allow_all)
     tcp_timeout: float = 720.0
+    tcp_closing_timeout: float = 120.0  # after a FIN or RST (the module docstring)
     udp_timeout: float = 180.0
     default_timeout: float = 600.0
     max_tracked_flows: int = 100_000
@@ -146,6 +154,7 @@ class Firewall:
         self._pairs: dict[tuple[int, bytes, bytes], float] = {}  # (proto, local, remote) -> expiry: fragments
         self.drops: Counter = Counter()
         self._opened_by: dict[FlowKey, str] = {}  # flow -> the direction whose rule admitted it (reload)
+        self._closing: set[FlowKey] = set()  # TCP flows that showed a FIN or RST
         # A rule list that is a single unconditional rule needs no per-packet rule evaluation; the
         # flow is still tracked, so swapping in stricter rules later behaves the same.
         self._allow_all = {
@@ -171,8 +180,12 @@ class Firewall:
         peer: PeerIdentity,
         now: float,
         first_fragment: bool = True,
+        tcp_flags: int = 0,
     ) -> bool:
-        """May this packet pass? Tracks the flow when it may. Addresses are raw (4 or 16 bytes)."""
+        """May this packet pass? Tracks the flow when it may. Addresses are raw (4 or 16 bytes).
+
+        *tcp_flags*: byte 13 of a TCP header (0 for other protocols, or when unknown): a FIN or RST
+        shortens the flow's tracking to ``tcp_closing_timeout``."""
         timeout = self._timeouts.get(proto, self.config.default_timeout)
         if not first_fragment:
             expiry = self._pairs.get((proto, local, remote))
@@ -183,8 +196,7 @@ class Firewall:
         key = (proto, local, local_port, remote, remote_port)
         expiry = self.conntrack.get(key)
         if expiry is not None and expiry > now:
-            self.conntrack[key] = now + timeout
-            self._pairs[(proto, local, remote)] = now + timeout
+            self._track(key, now, timeout, tcp_flags)
             return True
         if not self._allow_all[direction]:
             rules = self.inbound if direction == INBOUND else self.outbound
@@ -199,10 +211,24 @@ class Firewall:
             if len(self.conntrack) >= self.config.max_tracked_flows:
                 self.drops["conntrack_full"] += 1
                 return False
-        self.conntrack[key] = now + timeout
-        self._pairs[(proto, local, remote)] = now + timeout
+        self._closing.discard(key)  # the mark of an expired flow on the same ports
+        self._track(key, now, timeout, tcp_flags)
         self._opened_by[key] = direction
         return True
+
+    def _track(self, key: FlowKey, now: float, timeout: float, tcp_flags: int) -> None:
+        """(Re)start an allowed flow's expiry; a TCP FIN or RST marks it closing (a SYN alone clears that)."""
+        if tcp_flags and key[0] == PROTOCOLS["tcp"]:
+            if tcp_flags & (TCP_FIN | TCP_RST):
+                self._closing.add(key)
+            elif tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                self._closing.discard(key)  # a new connection on the same ports
+        if self._closing and key in self._closing:
+            timeout = self.config.tcp_closing_timeout
+        expiry = self.conntrack[key] = now + timeout
+        pair = (key[0], key[1], key[3])
+        if self._pairs.get(pair, 0.0) < expiry:  # a closing flow must not cut short another's fragments
+            self._pairs[pair] = expiry
 
     def replace_rules(self, config: FirewallConfig, identity_for) -> int:
         """Swap in a new rule set (a config reload) at once, keeping the tracked flows it still
@@ -222,6 +248,7 @@ class Firewall:
             if peer is None or not replacement._admits(opened_by, proto, port, local, remote, peer):
                 del self.conntrack[key]
                 self._opened_by.pop(key, None)
+                self._closing.discard(key)
                 dropped += 1
         kept_pairs = {(proto, local, remote) for proto, local, _, remote, _ in self.conntrack}
         for pair in [p for p in self._pairs if p not in kept_pairs]:
@@ -247,10 +274,13 @@ class Firewall:
                 del table[k]
         if len(self._opened_by) > len(self.conntrack):
             self._opened_by = {k: v for k, v in self._opened_by.items() if k in self.conntrack}
+        if self._closing:
+            self._closing = {k for k in self._closing if k in self.conntrack}
 
     def status(self) -> dict:
         return {
             "tracked_flows": len(self.conntrack),
+            "closing_flows": len(self._closing),
             "inbound_rules": len(self.inbound),
             "outbound_rules": len(self.outbound),
             "drops": dict(self.drops),
