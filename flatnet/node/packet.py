@@ -42,6 +42,7 @@ IPV4_MIN_HEADER = 20
 IPV6_HEADER = 40
 TCP_MIN_HEADER = 20
 TCP_CHECKSUM_OFFSET = 16
+TCP_FLAGS_OFFSET = 13
 UDP_CHECKSUM_OFFSET = 6
 MAX_IP_PACKET = 65535
 
@@ -180,6 +181,14 @@ def complete_checksum(pkt: bytearray, flow: Flow) -> bool:
 def ipv4_header_checksum(pkt, ihl: int) -> int:
     header = bytes(pkt[:10]) + b"\x00\x00" + bytes(pkt[12:ihl])
     return internet_checksum(header)
+
+
+def tcp_flags(pkt, flow: Flow) -> int:
+    """The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) of a first fragment, else 0:
+    what ``Firewall.allow(..., tcp_flags=)`` takes to forget ended connections early."""
+    if flow.proto != PROTO_TCP or not flow.first_fragment or len(pkt) <= flow.l4_offset + TCP_FLAGS_OFFSET:
+        return 0
+    return pkt[flow.l4_offset + TCP_FLAGS_OFFSET]
 
 
 def tcp_header_len(pkt, l4_offset: int) -> int:

@@ -99,3 +99,23 @@ def test_refused_reset_leaves_no_mark_and_no_flags_keeps_the_old_timeouts():
     assert fw.status()["closing_flows"] == 0 and fw.conntrack == {}
     assert fw.allow(INBOUND, TCP, LOCAL, 22, REMOTE, 7001, PEER, 0.0)  # a caller that passes no flags
     assert fw.conntrack[(TCP, LOCAL, 22, REMOTE, 7001)] == fw.config.tcp_timeout
+
+
+def test_tcp_flags_of_a_packet():
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet import TCP as ScapyTCP
+    from scapy.layers.inet6 import IPv6
+
+    from flatnet.node import packet as P
+
+    def flags_of(pkt) -> int:
+        raw = bytes(pkt)
+        return P.tcp_flags(raw, P.parse_flow(raw))
+
+    assert flags_of(IP(src="10.87.1.1", dst="10.87.2.5") / ScapyTCP(sport=1, dport=80, flags="FA")) == TCP_FIN | TCP_ACK
+    assert flags_of(IPv6(src="fd00::1", dst="fd00::2") / ScapyTCP(flags="R")) == TCP_RST
+    assert flags_of(IP() / UDP(sport=1, dport=2)) == 0
+    head = bytes(IP(src="10.87.1.1", dst="10.87.2.5") / ScapyTCP(flags="S"))[:20 + 13]  # cut before the flags
+    assert P.tcp_flags(head, P.parse_flow(head)) == 0
+    later = bytes(IP(src="10.87.1.1", dst="10.87.2.5", frag=100) / ScapyTCP(flags="R"))  # not the first fragment
+    assert P.tcp_flags(later, P.parse_flow(later)) == 0
