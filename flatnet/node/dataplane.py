@@ -185,7 +185,8 @@ class Dataplane:
             return
         peer = self._identity(session)
         if not self.firewall.allow(
-            OUTBOUND, flow.proto, flow.src, flow.sport, flow.dst, flow.dport, peer, now, flow.first_fragment
+            OUTBOUND, flow.proto, flow.src, flow.sport, flow.dst, flow.dport, peer, now, flow.first_fragment,
+            P.tcp_flags(pkt, flow),
         ):
             self.drops["firewall_outbound"] += 1
             return
@@ -284,11 +285,14 @@ class Dataplane:
         l4 = flow.l4_offset
         if len(pkt) < l4 + P.TCP_MIN_HEADER:
             return False
+        key = (flow.src, flow.dst, flow.sport, flow.dport)
+        if P.tcp_flags(pkt, flow) & 0x05:  # FIN or RST: the flow ends, forget it (bounded table)
+            path.flows.pop(key, None)
+            return False
         payload = len(pkt) - l4 - P.tcp_header_len(pkt, l4)
         if payload <= 0:
             return False
         seq = _I.unpack_from(pkt, l4 + 4)[0]
-        key = (flow.src, flow.dst, flow.sport, flow.dport)
         expected = path.flows.get(key)
         end = (seq + payload) & 0xFFFFFFFF
         if expected is not None and 0 < ((expected - seq) & 0xFFFFFFFF) < 0x80000000:
@@ -497,7 +501,8 @@ class Dataplane:
             return
         peer = self._identity(session)
         if not self.firewall.allow(
-            INBOUND, flow.proto, flow.dst, flow.dport, flow.src, flow.sport, peer, now, flow.first_fragment
+            INBOUND, flow.proto, flow.dst, flow.dport, flow.src, flow.sport, peer, now, flow.first_fragment,
+            P.tcp_flags(pkt, flow),
         ):
             self.drops["firewall_inbound"] += 1
             return

@@ -346,3 +346,26 @@ def test_fragments_off_the_in_order_path_still_make_their_message(disorder):
     segments = sorted((IP(s) for s in finished_packets(pair.b.tun.written)), key=lambda p: p[TCP].seq)
     assert b"".join(bytes(p[TCP].payload) for p in segments) == payload  # a rebuilt message may come late
     assert len(pair.b.dataplane.reassembly) == 0
+
+
+def test_ended_tcp_connections_leave_conntrack_and_the_retransmission_watch_soon():
+    # The lab soak's node RSS slope: every gateway request is a new TCP connection, and without the
+    # data plane passing TCP flags to the firewall each one stayed tracked for tcp_timeout (12 min).
+    pair = Pair()
+    pair.establish()
+    for n in range(30):  # one short connection every 10 s for 5 minutes, as the gateway makes them
+        port = 40000 + n
+        for src, dst, sport, dport, flags, data in [
+            (A_IP, B_IP, port, 80, 0x02, b""), (B_IP, A_IP, 80, port, 0x12, b""),
+            (A_IP, B_IP, port, 80, 0x18, b"GET / HTTP/1.0\r\n\r\n"), (B_IP, A_IP, 80, port, 0x18, b"HTTP/1.0 200 OK\r\n\r\n"),
+            (A_IP, B_IP, port, 80, 0x11, b""), (B_IP, A_IP, 80, port, 0x11, b""), (A_IP, B_IP, port, 80, 0x10, b""),
+        ]:
+            side = pair.a if src == A_IP else pair.b
+            side.tun.inject(frame(tcp(src, dst, sport, dport, 1000, data, flags=flags)))
+            pair.run()
+        pair.advance(10.0)
+    for side in (pair.a, pair.b):
+        fw = side.dataplane.firewall.status()
+        # closing flows live tcp_closing_timeout (120 s): ~12 connections, not all 30
+        assert fw["tracked_flows"] <= 14, fw
+        assert all(len(path.flows) == 0 for path in side.dataplane.paths.values())
