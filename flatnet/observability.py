@@ -154,6 +154,8 @@ METRIC_DEFINITIONS: tuple[MetricDefinition, ...] = (
     # node: tunnel
     MetricDefinition("peers", "gauge", "Peers the node knows, by state (up, down, pending)", ("state",)),
     MetricDefinition("peer_rung", "gauge", "How a peer is reached (flatnet.escalation.Rung): 0 direct-lan, 1 punched, 2 udp-relay, 3 tcp-relay", ("peer",)),
+    MetricDefinition("peer_rung_seconds", "gauge", "Seconds each peer has spent on each rung (Graceful Escalation), since the node started", ("peer", "rung")),
+    MetricDefinition("peer_rung_bytes_total", "counter", "Datagram bytes sent to each peer on each rung", ("peer", "rung")),
     MetricDefinition("handshakes_total", "counter", "Handshakes by outcome (initiated, completed, answered, failed)", ("outcome",)),
     MetricDefinition("rekeys_total", "counter", "Sessions replaced by a newer one"),
     MetricDefinition("tunnel_bytes_total", "counter", "Inner bytes through the tunnel", ("direction",)),

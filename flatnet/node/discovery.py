@@ -415,10 +415,10 @@ def local_endpoints(port: int, exclude: set[str]) -> list[tuple[str, int]]:
 
 def observe_escalation(metrics, mux: PathMux, now: float) -> None:
     """Prometheus view of escalation (``flatnet.observability.Metrics``, from a periodic tick):
-    ``flatnet_peer_rung{peer}`` = the Rung's number (-1: no path yet). Seconds and bytes per rung
-    are in :meth:`PathMux.status`; they become metrics when the vocabulary defines them
-    (``peer_rung_seconds_total``, ``peer_rung_bytes_total`` with ``peer``, ``rung`` labels)."""
-    seconds = "peer_rung_seconds_total" in metrics
+    ``flatnet_peer_rung{peer}`` = the Rung's number (-1: no path yet), and the time and bytes per
+    rung (``flatnet_peer_rung_seconds``, ``flatnet_peer_rung_bytes_total`` with ``peer``, ``rung``
+    labels), as :meth:`PathMux.status` shows them."""
+    seconds = "peer_rung_seconds" in metrics
     sent = "peer_rung_bytes_total" in metrics
     for ip, peer in mux.peers.items():
         if not peer.probing:
@@ -427,7 +427,7 @@ def observe_escalation(metrics, mux: PathMux, now: float) -> None:
         metrics["peer_rung"].labels(peer=str(ip)).set(-1 if current is None else int(current.rung))
         if seconds:
             for rung, value in peer.selector.rung_seconds(now).items():
-                metrics["peer_rung_seconds_total"].labels(peer=str(ip), rung=rung.label).set(value)
+                metrics["peer_rung_seconds"].labels(peer=str(ip), rung=rung.label).set(value)
         if sent:
             metrics.absorb_counter(
                 "peer_rung_bytes_total", {r.label: v for r, v in peer.selector.bytes_sent.items()}, "rung", peer=str(ip)

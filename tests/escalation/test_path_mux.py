@@ -180,6 +180,19 @@ def test_peer_rung_metric_follows_the_selector():
     metrics = Metrics()
     observe_escalation(metrics, a, now)
     assert metrics.sample("peer_rung", peer="10.87.2.1") == int(Rung.DIRECT_LAN)
+    # time and bytes per rung (issue: "metrics count time and bytes per rung")
+    selector = a.peers[IPv4Address("10.87.2.1")].selector
+    seconds = selector.rung_seconds(now + 5)
+    observe_escalation(metrics, a, now + 5)
+    for rung, value in seconds.items():
+        assert metrics.sample("peer_rung_seconds", peer="10.87.2.1", rung=rung.label) == value
+    sent = selector.bytes_sent
+    assert sent  # the pair exchanged probes and data
+    for rung, value in sent.items():
+        assert metrics.sample("peer_rung_bytes_total", peer="10.87.2.1", rung=rung.label) == value
+    observe_escalation(metrics, a, now + 5)  # idempotent: a second scrape adds nothing
+    for rung, value in sent.items():
+        assert metrics.sample("peer_rung_bytes_total", peer="10.87.2.1", rung=rung.label) == value
 
 
 def test_candidates_per_peer_are_bounded():
