@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.namespaces import BenchNamespaces
 from flatnet.lab.probe import in_namespace
 from flatnet.netns import Namespace
 from tests.cni.harness import CniHost
@@ -67,13 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.cni needs root (namespaces)", file=sys.stderr)
         return 2
-    prefix = f"fnb{os.getpid() % 100000}"
-    made: list[Namespace] = []
-
-    def make(role: str) -> Namespace:
-        ns = Namespace.create(f"{prefix}-{len(made)}-{role}")
-        made.append(ns)
-        return ns
+    namespaces = BenchNamespaces()
+    make = namespaces.make
 
     tmp = Path(tempfile.mkdtemp(prefix="flatnet-bench-cni-"))
     host = None
@@ -101,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 times["DEL ref"].append(timed(host_ns, ref, cni_env("DEL", f"r{i}", a.path), ref_conf))
                 times[f"DEL {label}"].append(timed(host_ns, plugin, cni_env("DEL", f"f{i}", b.path), flat_conf))
                 for ns in (a, b):
-                    ns.remove()
-                    made.remove(ns)
+                    namespaces.remove(ns)
 
         host.start_node(read_labels=False)
         round_trip(True, args.rounds)
@@ -126,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if host is not None:
             host.stop_node()
-        for ns in reversed(made):
-            ns.remove()
+        namespaces.remove_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

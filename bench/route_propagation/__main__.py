@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from bench.namespaces import BenchNamespaces
 from flatnet.gateway.admin import AdminClient, AdminError
 from flatnet.lab.probe import in_namespace
-from flatnet.netns import Namespace
 from flatnet.podman import IMAGE
 from tests.cni import podman_site
 
@@ -82,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.route_propagation needs root (namespaces)", file=sys.stderr)
         return 2
-    prefix = f"fnb{os.getpid() % 100000}"
-    made: list[Namespace] = []
-
-    def make(role: str) -> Namespace:
-        ns = Namespace.create(f"{prefix}-{len(made)}-{role}")
-        made.append(ns)
-        return ns
+    namespaces = BenchNamespaces()
+    make = namespaces.make
 
     stamps = Path(f"/tmp/flatnet-bench-stamps-{os.getpid()}")
     gateway_ms: list[float] = []
@@ -150,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: no 200 within 20 s ({sorted(out)})", file=sys.stderr)
                 site.run("rm", "--force", "--time", "0", name)
     finally:
-        for ns in reversed(made):
-            ns.remove()
+        namespaces.remove_all()
         for f in stamps.glob("*"):
             f.unlink()
         with contextlib.suppress(OSError):
