@@ -36,4 +36,6 @@ def test_snapshot_sees_leaked_process_and_fd():
     finally:
         os.close(r)
         os.close(w)
-    assert Snapshot.take("fnt-none").leaks_since(before, grace=0) == []
+    # Once cleaned up, nothing is reported (with the usual grace: in a full run other tests' helper
+    # threads may open and close a descriptor at that very moment).
+    assert Snapshot.take("fnt-none").leaks_since(before) == []
