@@ -158,6 +158,7 @@ METRIC_DEFINITIONS: tuple[MetricDefinition, ...] = (
     MetricDefinition("peer_rung_bytes_total", "counter", "Datagram bytes sent to each peer on each rung", ("peer", "rung")),
     MetricDefinition("handshakes_total", "counter", "Handshakes by outcome (initiated, completed, answered, failed)", ("outcome",)),
     MetricDefinition("rekeys_total", "counter", "Sessions replaced by a newer one"),
+    MetricDefinition("roams_total", "counter", "Peers heard from a new underlay address (roaming)"),
     MetricDefinition("tunnel_bytes_total", "counter", "Inner bytes through the tunnel", ("direction",)),
     MetricDefinition("tunnel_packets_total", "counter", "Inner packets through the tunnel", ("direction",)),
     MetricDefinition("drops_total", "counter", "Datagrams or packets dropped, by component and reason", ("component", "reason")),
@@ -220,6 +221,15 @@ class Metrics:
             self._absorbed[ident] = value
             if delta > 0:
                 metric.labels(**labels).inc(delta)
+
+    def absorb_total(self, name: str, value: int) -> None:
+        """:meth:`absorb_counter` for a counter without labels."""
+        ident = (name, ())
+        previous = self._absorbed.get(ident, 0)
+        delta = value - previous if value >= previous else value
+        self._absorbed[ident] = value
+        if delta > 0:
+            self._metrics[name].inc(delta)
 
     def sample(self, name: str, **labels: str) -> float | None:
         """The current value of one sample (for tests and `flatnet status`), None if never set."""
@@ -299,6 +309,8 @@ def observe_tunnel(metrics: Metrics, engine, dataplane=None) -> None:
         metrics.absorb_counter("tunnel_packets_total", {"rx": rx_packets, "tx": tx_packets}, "direction")
     metrics.absorb_counter("tunnel_bytes_total", {"rx": rx, "tx": tx}, "direction")
     metrics.absorb_counter("handshakes_total", handshakes, "outcome")
+    metrics.absorb_total("rekeys_total", stats.get("rekeyed", 0))
+    metrics.absorb_total("roams_total", stats.get("roamed", 0))
 
 
 def observe_lighthouse(metrics: Metrics, core, relay_table=None) -> None:
@@ -310,5 +322,13 @@ def observe_lighthouse(metrics: Metrics, core, relay_table=None) -> None:
     metrics.absorb_counter("drops_total", drops, "reason", component="lighthouse")
     if relay_table is not None:
         metrics["relay_sessions"].labels(transport="all").set(len(relay_table))
+        for transport, count in relay_table.sessions_by_transport().items():
+            metrics["relay_sessions"].labels(transport=transport).set(count)
+        counters = relay_table.counters
+        metrics.absorb_counter("relay_bytes_total", {
+            "all": counters.get("forwarded.bytes", 0),
+            "udp": counters.get("forwarded.bytes.udp", 0),
+            "tcp": counters.get("forwarded.bytes.tcp", 0),
+        }, "transport")
         relay_drops = {k[5:]: v for k, v in relay_table.counters.items() if k.startswith("drop.")}
         metrics.absorb_counter("drops_total", relay_drops, "reason", component="relay")

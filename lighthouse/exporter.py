@@ -58,6 +58,4 @@ class LighthouseExporter:
         table = self.relay.table if self.relay is not None else None
         observe_lighthouse(m, self.service.core, table)
         observe_tunnel(m, self.service.engine)
-        if table is not None:
-            m.absorb_counter("relay_bytes_total", {"all": table.counters.get("forwarded.bytes", 0)}, "transport")
         m.absorb_counter("config_reloads_total", self.reloads, "outcome")

@@ -25,11 +25,10 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 
 from flatnet.proto.relay import RelayFrameError, StreamFrameDecoder, encode_stream_frame
-from lighthouse.relay_table import RelayTable
+from lighthouse.relay_table import TCP_KEY, RelayTable, transport_of
 
 log = logging.getLogger("flatnet.relay")
 
-TCP_KEY = "tcp"
 
 
 def _plain(addr) -> tuple[str, int]:
@@ -134,7 +133,7 @@ class RelayService:
 
     def _deliver(self, outputs) -> None:
         for dst, frame in outputs:
-            if isinstance(dst, tuple) and dst and dst[0] == TCP_KEY:
+            if transport_of(dst) == "tcp":
                 writer = self._streams.get(dst)
                 if writer is None or writer.is_closing():
                     self.counters["tx.tcp-gone"] += 1

@@ -23,7 +23,9 @@ Rules (see ``flatnet/proto/relay.py`` for the frame format):
 
 Counters: ``drop.<frame error reason>``, ``drop.bad-token``, ``drop.full``, ``drop.unknown-session``,
 ``drop.not-bound`` (DATA from an address not bound to that side), ``drop.peer-not-bound``,
-``drop.rate-limited``, ``bind``, ``rebind``, ``forwarded``, ``forwarded.bytes``, ``expired``.
+``drop.rate-limited``, ``bind``, ``rebind``, ``forwarded``, ``forwarded.bytes``, ``expired``, and per
+transport of the frame's arrival ``forwarded.bytes.udp`` / ``forwarded.bytes.tcp``. A TCP side's
+address is ``(TCP_KEY, peer)`` (the relay service keys each stream so); anything else is UDP.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ from flatnet.proto.relay import (
     parse_relay_frame,
 )
 from lighthouse.ratelimit import TokenBucket
+
+TCP_KEY = "tcp"  # first item of a TCP stream's address key: ("tcp", (host, port))
+
+
+def transport_of(addr: Hashable) -> str:
+    """"tcp" for a relay TCP stream's key, "udp" for a datagram source address."""
+    return "tcp" if type(addr) is tuple and addr and addr[0] == TCP_KEY else "udp"
 
 
 @dataclass(frozen=True)
@@ -128,11 +137,20 @@ class RelayTable:
         self._touch(session, now)
         self.counters["forwarded"] += 1
         self.counters["forwarded.bytes"] += len(data)
+        self.counters["forwarded.bytes." + transport_of(addr)] += len(data)
         return [(destination, data)]
 
     def _touch(self, session: RelaySession, now: float) -> None:
         session.last_seen = now
         self._sessions.move_to_end(session.session_id)
+
+    def sessions_by_transport(self) -> dict[str, int]:
+        """Sessions with at least one side bound over each transport (a mixed session counts in both)."""
+        counts = {"udp": 0, "tcp": 0}
+        for session in self._sessions.values():
+            for transport in {transport_of(a) for a in session.addresses if a is not None}:
+                counts[transport] += 1
+        return counts
 
     def forget_address(self, addr: Hashable) -> None:
         """A TCP connection closed: unbind it wherever it was bound (O(sessions), rare)."""

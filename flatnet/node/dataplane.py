@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from flatnet.firewall import INBOUND, OUTBOUND, Firewall, PeerIdentity, identity_of
 from flatnet.node import packet as P
 from flatnet.node.reassembly import Reassembly
-from flatnet.observability import HANDSHAKE_FAILED, PEER_DOWN, PEER_UP, log_event
+from flatnet.observability import HANDSHAKE_FAILED, PEER_DOWN, PEER_ROAMED, PEER_UP, REKEY, log_event
 from flatnet.proto import batch as B
 
 log = logging.getLogger("flatnet.node.dataplane")
@@ -645,6 +645,11 @@ class Dataplane:
                 if path is not None:
                     path.up_since = None
                 log_event(log, PEER_DOWN, peer=str(peer_ip), reason=getattr(event, "reason", ""))
+            elif peer_ip is not None and name == "Rekeyed":
+                log_event(log, REKEY, peer=str(peer_ip))
+            elif peer_ip is not None and name == "PeerRoamed":
+                log_event(log, PEER_ROAMED, peer=str(peer_ip), old=_format_endpoint(event.old),
+                          new=_format_endpoint(event.new))
             elif peer_ip is not None and name == "HandshakeFailed":
                 self.stats["handshakes-failed"] += 1
                 log_event(log, HANDSHAKE_FAILED, logging.WARNING, peer=str(peer_ip), reason=getattr(event, "reason", ""))

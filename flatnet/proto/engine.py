@@ -79,7 +79,9 @@ from flatnet.proto.events import (
     HandshakeFailed,
     PacketReceived,
     PeerDown,
+    PeerRoamed,
     PeerUp,
+    Rekeyed,
     RelayReceived,
 )
 from flatnet.proto.handshake_messages import (
@@ -528,7 +530,8 @@ class TunnelEngine:
             return self._drop("decrypt-failed")
         session.replay.update(counter)
         peer = session.peer
-        peer.endpoint = addr  # roaming, as WireGuard: the last authenticated source address
+        if peer.endpoint != addr:  # roaming, as WireGuard: the last authenticated source address
+            self._roamed(peer, addr)
         peer.last_received_at = now
         peer.awaiting_reply_since = None
         peer.rx_bytes += len(datagram)
@@ -731,7 +734,8 @@ class TunnelEngine:
         if peer.next is not None:  # a crossing handshake we answered: superseded by ours
             self._retire(peer.next)
             peer.next = None
-        peer.endpoint = addr
+        if peer.endpoint != addr:
+            self._roamed(peer, addr)
         peer.last_received_at = now
         peer.awaiting_reply_since = None
         flushed = self._install_current(peer, session, now)
@@ -770,11 +774,20 @@ class TunnelEngine:
         if not peer.up or old_cert != session.certificate:  # up, or up again with a renewed certificate
             peer.up = True
             self._events.append(PeerUp(peer.ip, peer.endpoint, session.certificate))
+        elif peer.previous is not None:
+            self.stats["rekeyed"] += 1
+            self._events.append(Rekeyed(peer.ip))
         flushed = 0
         while peer.queue and session.can_send(now):
             self._outbox.append((session.seal(peer.queue.popleft(), _DATA, now), peer.endpoint))
             flushed += 1
         return flushed
+
+    def _roamed(self, peer: Peer, addr: Address) -> None:
+        if peer.endpoint is not None:
+            self.stats["roamed"] += 1
+            self._events.append(PeerRoamed(peer.ip, peer.endpoint, addr))
+        peer.endpoint = addr
 
     def _retire(self, session: TransportSession) -> None:
         self._sessions.pop(session.local_index, None)

@@ -46,6 +46,22 @@ class PeerUp:
 
 
 @dataclass(frozen=True)
+class Rekeyed:
+    """A newer session replaced the current one with an already-up peer (same certificate)."""
+
+    peer_ip: IPv4Address
+
+
+@dataclass(frozen=True)
+class PeerRoamed:
+    """Authenticated traffic from the peer arrived from a new underlay address: replies go there now."""
+
+    peer_ip: IPv4Address
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
 class PeerDown:
     peer_ip: IPv4Address
     reason: str  # "expired" | "handshake-failed" | "revoked"
@@ -58,4 +74,7 @@ class HandshakeFailed:
     dropped_packets: int
 
 
-Event = PacketReceived | BatchReceived | ControlReceived | RelayReceived | PeerUp | PeerDown | HandshakeFailed
+Event = (
+    PacketReceived | BatchReceived | ControlReceived | RelayReceived | PeerUp | Rekeyed | PeerRoamed | PeerDown
+    | HandshakeFailed
+)

@@ -102,6 +102,20 @@ def test_bind_then_forward_both_ways_across_udp_and_tcp():
     assert table.receive(data(0, b"a->b"), A_UDP, 0.3) == [(B_TCP, data(0, b"a->b"))]
     assert table.receive(data(1, b"b->a"), B_TCP, 0.4) == [(A_UDP, data(1, b"b->a"))]
     assert table.counters["forwarded"] == 2
+    # Bytes are counted by the transport they arrived on; the mixed session counts on both.
+    assert table.counters["forwarded.bytes.udp"] == len(data(0, b"a->b"))
+    assert table.counters["forwarded.bytes.tcp"] == len(data(1, b"b->a"))
+    assert table.sessions_by_transport() == {"udp": 1, "tcp": 1}
+
+    from flatnet.observability import Metrics, observe_lighthouse
+    from lighthouse.core import LighthouseCore
+
+    metrics = Metrics()
+    observe_lighthouse(metrics, LighthouseCore(), table)
+    assert metrics.sample("relay_bytes_total", transport="tcp") == len(data(1, b"b->a"))
+    assert metrics.sample("relay_bytes_total", transport="all") == 2 * len(data(0, b"a->b"))
+    assert metrics.sample("relay_sessions", transport="udp") == 1
+    assert metrics.sample("relay_sessions", transport="all") == 1
 
 
 def test_bad_token_and_spoofed_sender_are_dropped():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import struct
 
@@ -369,3 +370,24 @@ def test_ended_tcp_connections_leave_conntrack_and_the_retransmission_watch_soon
         # closing flows live tcp_closing_timeout (120 s): ~12 connections, not all 30
         assert fw["tracked_flows"] <= 14, fw
         assert all(len(path.flows) == 0 for path in side.dataplane.paths.values())
+
+
+def test_rekeys_and_roams_are_logged_as_events(caplog):
+    """Two minutes of pings: the rekey is logged as session.rekeyed; a peer heard from a new address
+    as peer.roamed (with old and new); both counted in the engine's stats for the metrics."""
+    pair = Pair()
+    pair.establish()
+    caplog.set_level(logging.INFO, logger="flatnet.node.dataplane")
+    for seq in range(130):
+        pair.a.tun.inject(frame(icmp_echo(A_IP, B_IP, seq=seq)))
+        pair.advance(1.0)
+    rekeyed = [r for r in caplog.records if getattr(r, "event", None) == "session.rekeyed"]
+    assert rekeyed and pair.a.engine.stats["rekeyed"] >= 1
+    # Host a's underlay address changes (WSL2 restarted): b follows its authenticated traffic.
+    new_addr = ("192.168.87.11", 4242)
+    pair.a.io.udp = pair.network.endpoint(new_addr)
+    pair.a.tun.inject(frame(icmp_echo(A_IP, B_IP, seq=999)))
+    pair.run()
+    roamed = [r for r in caplog.records if getattr(r, "event", None) == "peer.roamed"]
+    assert len(roamed) == 1 and pair.b.engine.stats["roamed"] == 1
+    assert roamed[0].new == "192.168.87.11:4242" and roamed[0].old == "192.168.87.1:4242"

@@ -128,3 +128,10 @@ def test_observe_tunnel_and_lighthouse_from_real_cores():
     assert m.sample("lighthouse_messages_total", type="Register") >= 2
     text = m.exposition().decode()
     assert 'flatnet_peers{state="up"} 2.0' in text
+    # Rekeys and roams are fed from the engine's counters (absorbed: a second call adds nothing).
+    host.engine.stats["rekeyed"] += 3
+    host.engine.stats["roamed"] += 1
+    obs.observe_tunnel(m, host.engine)
+    obs.observe_tunnel(m, host.engine)
+    assert m.sample("rekeys_total") == host.engine.stats["rekeyed"] >= 3
+    assert m.sample("roams_total") == 1

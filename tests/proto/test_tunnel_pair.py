@@ -15,7 +15,7 @@ from flatnet.proto.constants import (
     REKEY_TIMEOUT,
 )
 from flatnet.proto.errors import SessionExpiredError
-from flatnet.proto.events import HandshakeFailed, PacketReceived, PeerDown, PeerUp
+from flatnet.proto.events import HandshakeFailed, PacketReceived, PeerDown, PeerRoamed, PeerUp, Rekeyed
 from flatnet.proto.header import MessageType
 from flatnet.proto.transport_header import TRANSPORT_OVERHEAD
 from tests.proto.harness import Wire, ipv4_packet, make_node, pair
@@ -143,7 +143,11 @@ def test_rekey_at_120s_loses_nothing():
     assert b.engine.stats["initiation-sent"] == 0  # only the initiator of a session renews it by time
     assert a.engine.session_for(B_IP, wire.now).local_index != first_index
     assert not a.engine.drops and not b.engine.drops
-    assert [type(e) for e in a.events if not isinstance(e, PacketReceived)] == [PeerUp]
+    # Each rekey is reported once on both sides (logged as session.rekeyed, counted in rekeys_total).
+    assert [type(e) for e in a.events if not isinstance(e, PacketReceived)] == [PeerUp, Rekeyed, Rekeyed]
+    b.drain_events()
+    assert [type(e) for e in b.events if not isinstance(e, PacketReceived)] == [PeerUp, Rekeyed, Rekeyed]
+    assert a.engine.stats["rekeyed"] == b.engine.stats["rekeyed"] == 2
 
 
 def test_old_key_refused_after_180s():
@@ -251,8 +255,18 @@ def test_roaming_endpoint_follows_authenticated_source():
     wire.run()
     datagram = bytes(a.engine.session_for(B_IP, wire.now).seal(packet(A_IP, B_IP, 1), MessageType.DATA, wire.now))
     a.engine.datagrams_to_send()
+    b.drain_events()
+    b.events.clear()
     b.engine.receive_datagram(datagram, ("198.51.100.7", 5000), wire.now)
     assert b.engine.peers[IPv4Address(A_IP)].endpoint == ("198.51.100.7", 5000)
+    b.drain_events()
+    roams = [e for e in b.events if isinstance(e, PeerRoamed)]
+    assert roams == [PeerRoamed(IPv4Address(A_IP), a.addr, ("198.51.100.7", 5000))]
+    assert b.engine.stats["roamed"] == 1
+    # More data from the same new address is no new roam.
+    again = bytes(a.engine.session_for(B_IP, wire.now).seal(packet(A_IP, B_IP, 2), MessageType.DATA, wire.now))
+    b.engine.receive_datagram(again, ("198.51.100.7", 5000), wire.now)
+    assert b.engine.stats["roamed"] == 1
 
 
 def test_rekey_after_messages_and_refusal_at_the_message_limit():
