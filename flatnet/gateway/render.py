@@ -19,6 +19,13 @@ from flatnet.gateway.config import GatewayConfig, Target, parse_listen
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
+# Counter series (route x status class, upstream failures) the metrics dict holds at most; beyond,
+# stale routes' series are pruned and the rest counted as dropped (lua/flatnet/metrics.lua).
+METRICS_MAX_SERIES = 4096
+# Shared-dict bytes per series: the node (~80 bytes) and a key of up to ~70 bytes fall in the
+# slab allocator's 256-byte class; twice that leaves room for fragmentation.
+_METRICS_BYTES_PER_SERIES = 512
+
 
 def template(name: str) -> str:
     return resources.files("flatnet.gateway").joinpath("templates", name).read_text(encoding="utf-8")
@@ -86,6 +93,7 @@ def render(config: GatewayConfig, target: Target = "linux", extra_http: str = ""
         "health_interval": config.health_interval,
         "admin_max_body": route_rules.ADMIN_MAX_BODY,
         "limits": route_rules.lua_limits(),
+        "metrics_max_series": METRICS_MAX_SERIES,
     }
     settings_json = json.dumps(settings, sort_keys=True)
     assert "]==]" not in settings_json
@@ -120,6 +128,7 @@ def render(config: GatewayConfig, target: Target = "linux", extra_http: str = ""
         "max_body_size": config.max_body_size,
         "admin_max_body": str(route_rules.ADMIN_MAX_BODY),
         "extra_http": extra_http,
+        "metrics_dict_size": f"{max(1024, METRICS_MAX_SERIES * _METRICS_BYTES_PER_SERIES // 1024)}k",
     }
     proxy_values = {"connect_timeout": _seconds(config.connect_timeout), "read_timeout": _seconds(config.read_timeout)}
     files = {

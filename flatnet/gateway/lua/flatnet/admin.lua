@@ -6,6 +6,7 @@
 --   PUT    /api/v1/routes/{name}   -> {"ok": true}            body: route
 --   DELETE /api/v1/routes/{name}   -> {"ok": true} | 404
 --   POST   /api/v1/sync            -> {"ok": true, ...}       body: {"owner", "generation", "routes"}
+--   GET    /metrics                -> Prometheus text format (see metrics.lua)
 --
 -- Errors: 400 bad input (message names the field), 401 no/incorrect token, 404, 405, 409 conflict
 -- (stale generation, a name/port/host held by another route or owner), 500 cannot persist.
@@ -13,6 +14,7 @@
 local cjson = require "cjson.safe"
 local state = require "flatnet.state"
 local health = require "flatnet.health"
+local metrics = require "flatnet.metrics"
 
 local M = {}
 
@@ -194,10 +196,14 @@ local function sync()
         cjson.encode(owner), generation, added, removed))
 end
 
+local function refuse()
+    ngx.header["WWW-Authenticate"] = 'Bearer realm="flatnet-gateway"'
+    return fail(401, "missing or incorrect bearer token")
+end
+
 function M.handle()
     if not authorized() then
-        ngx.header["WWW-Authenticate"] = 'Bearer realm="flatnet-gateway"'
-        return fail(401, "missing or incorrect bearer token")
+        return refuse()
     end
     local method = ngx.req.get_method()
     local uri = ngx.var.uri
@@ -228,6 +234,23 @@ function M.handle()
         return fail(405, "use GET, PUT or DELETE on /api/v1/routes/{name}")
     end
     return fail(404, "no such endpoint; see /api/v1/routes and /api/v1/sync")
+end
+
+-- location = /metrics: this worker's pending counts first, then the page from the shared dict.
+function M.metrics()
+    if not authorized() then
+        return refuse()
+    end
+    local method = ngx.req.get_method()
+    if method ~= "GET" and method ~= "HEAD" then
+        return fail(405, "use GET on /metrics")
+    end
+    metrics.flush()
+    ngx.status = 200
+    ngx.header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    ngx.header["Cache-Control"] = "no-store"
+    ngx.print(metrics.render(state.snapshot(), health.peer_status))
+    return ngx.exit(200)
 end
 
 function M.too_large()

@@ -4,6 +4,7 @@
 
 local state = require "flatnet.state"
 local health = require "flatnet.health"
+local metrics = require "flatnet.metrics"
 
 local M = {}
 
@@ -101,6 +102,8 @@ function M.unavailable()
         why = "is not running"
         status = 503
     end
+    metrics.count_response(name, status)
+    metrics.count_upstream_failure(name)
     ngx.header["Retry-After"] = "10"
     local body = '<h1 id="unavailable">Service <code>' .. esc(name) .. "</code> " .. why .. "</h1>\n"
         .. "<p>The gateway knows this service, but none of its backends answered. If it is yours, "
@@ -125,14 +128,19 @@ function M.not_found()
     return page(404, title, body, false)
 end
 
--- The location @flatnet_page: what router.route() asked for.
+-- The location @flatnet_page: what router.route() asked for. Counted here (the router's header
+-- filter does not run in this location); a missing service is counted under route "" so that
+-- made-up names do not become metric series.
 function M.answer()
     local page = ngx.var.flatnet_page
     if page == "index" then
+        metrics.count_response("", 200)
         return M.index()
     elseif page == "slash" then
+        metrics.count_response(ngx.var.flatnet_service, ngx.HTTP_MOVED_PERMANENTLY)
         return ngx.redirect(ngx.var.flatnet_uri, ngx.HTTP_MOVED_PERMANENTLY)
     end
+    metrics.count_response("", 404)
     return M.not_found()
 end
 

@@ -1,5 +1,5 @@
 -- Choosing a route for a request (rewrite phase), a backend for it (balancer phase), and fixing
--- what a strip-mode app sends back (header filter).
+-- what a strip-mode app sends back (header filter, which also counts every proxied response).
 --
 -- route() runs in set_by_lua (no coroutine, no yielding: only shared-dict reads and string work).
 -- A request finds its route in this order:
@@ -11,10 +11,12 @@
 
 local balancer = require "ngx.balancer"
 local state = require "flatnet.state"
+local metrics = require "flatnet.metrics"
 
 local M = {}
 
 local health = ngx.shared.flatnet_health
+local count_response = metrics.count_response
 local rr = {} -- per-worker round-robin position by route name
 
 -- What the gateway answers itself (pages.answer reads it back from $flatnet_page).
@@ -72,6 +74,7 @@ function M.route()
         return use(route, request_uri, nil, "path")
     end
     if rest == "" or rest:byte(1) == 63 then -- "/web" or "/web?x": the app's root is "/web/"
+        ngx.var.flatnet_service = name -- the redirect is counted for this route
         ngx.var.flatnet_uri = "/" .. name .. "/" .. rest
         return "slash"
     end
@@ -160,9 +163,12 @@ function M.rewrite_cookie(cookie, prefix)
     return replaced
 end
 
+-- Every response of the proxying location passes here (the pages the gateway writes itself go
+-- through an internal redirect to another location: pages.lua counts those).
 function M.header_filter()
     local ctx = ngx.ctx
     local route = ctx.flatnet_route
+    count_response(route and route.name or "", ngx.status)
     if not route or ctx.flatnet_kind ~= "path" or route.mode ~= "strip" then
         return
     end

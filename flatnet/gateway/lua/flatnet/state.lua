@@ -12,6 +12,7 @@
 -- through init() so that both sides read the same constants.
 
 local cjson = require "cjson.safe"
+local metrics = require "flatnet.metrics"
 
 local M = {}
 
@@ -416,6 +417,7 @@ function M.update(change)
         return 503, "the route table is busy, try again"
     end
     local routes, owners = decode_state(dict:get("state") or "{}", "shared dict")
+    local routes_before = M.encode_state(routes, {})
     local status, message = change(routes, owners)
     if status then
         unlock()
@@ -440,6 +442,9 @@ function M.update(change)
     end
     dict:incr("version", 1, 0)
     unlock()
+    if M.encode_state(routes, {}) ~= routes_before then -- not a sync that only moved a generation
+        metrics.count_route_change()
+    end
     return nil
 end
 
