@@ -73,6 +73,9 @@ class TunnelConfig:
 class StaticPeer:
     ip: ipaddress.IPv4Address  # the peer's Flatnet IP (as in its certificate)
     endpoints: list[str] = field(default_factory=list)  # "host:port" underlay addresses
+    # Container subnets to route to this peer before its certificate is known (the certificate's
+    # own subnets are added once learned; anti-spoofing always follows the certificate).
+    subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

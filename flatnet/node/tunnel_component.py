@@ -91,7 +91,7 @@ class TunnelComponent:
         (cert, key), trust = self._load_pki()
         engine = TunnelEngine((cert, key), trust)
         for peer in self.config.peers:
-            engine.add_peer(peer.ip, [_endpoint(e) for e in peer.endpoints])
+            engine.add_peer(peer.ip, [_endpoint(e) for e in peer.endpoints], peer.subnets)
         return engine, cert
 
     async def start(self) -> None:
@@ -225,7 +225,7 @@ class TunnelComponent:
                     dataplane.paths.pop(ip, None)
                     done.append(f"peer {ip} removed")
             for peer, endpoints in peers:
-                engine.add_peer(peer.ip, endpoints)
+                engine.add_peer(peer.ip, endpoints, peer.subnets)
                 if self.escalation is not None:
                     self.escalation.mux.add_peer(peer.ip, now)
                     for endpoint in endpoints:

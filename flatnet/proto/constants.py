@@ -33,6 +33,9 @@ REPLAY_WINDOW_SIZE = 4096
 
 # --- queueing while handshaking -------------------------------------------------------------------------
 MAX_QUEUED_PACKETS = 256  # per peer; the oldest is dropped ("queue-full") beyond this
+# A packet with no route while a peer's certificate (and so its subnets) is still being learned
+# waits this long, at most MAX_QUEUED_PACKETS of them in all, then is dropped as "no-route".
+UNROUTED_HOLD_TIME = REKEY_TIMEOUT
 
 # --- denial of service (WireGuard whitepaper §5.3) -----------------------------------------------------
 COOKIE_SECRET_MAX_AGE = 120.0  # the responder's cookie secret rotates this often

@@ -68,6 +68,7 @@ from flatnet.proto.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     SIMULTANEOUS_INITIATION_RETRY,
+    UNROUTED_HOLD_TIME,
 )
 from flatnet.proto.cookie_reply import encode_cookie_reply, parse_cookie_reply
 from flatnet.proto.cookies import CookieChecker, NetworkMacs
@@ -211,6 +212,7 @@ class TunnelEngine:
         self._pending: dict[int, Peer] = {}
         self._outbox: list[tuple[bytes, Address]] = []
         self._events: deque[Event] = deque()
+        self._unrouted: deque[tuple[float, bytes]] = deque()  # (deadline, packet): see _hold_unrouted
         self._last_own_timestamp = -1
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -371,6 +373,8 @@ class TunnelEngine:
                 deadlines.append(keepalive)
             if peer.awaiting_reply_since is not None:
                 deadlines.append(peer.awaiting_reply_since + NEW_HANDSHAKE_AFTER_SILENCE)
+        if self._unrouted:
+            deadlines.append(self._unrouted[0][0])
         return min(deadlines) if deadlines else None
 
     # ==== sending ==============================================================================
@@ -408,8 +412,7 @@ class TunnelEngine:
                 return
             peer = self.route(inner[16:20])
             if peer is None:
-                self.drops["no-route"] += 1
-                self.learn_routes(now)  # the owner may be a peer we have not heard from yet
+                self._hold_unrouted(inner, now)  # the owner may be a peer we have not heard from yet
                 return
         session = peer.current
         if session is not None and session.can_send(now):
@@ -437,6 +440,32 @@ class TunnelEngine:
                 self._begin_handshake(peer, now)
                 started += 1
         return started
+
+    def _hold_unrouted(self, inner: bytes, now: float) -> None:
+        """No peer owns the destination. If a peer's certificate is still being learned (a
+        handshake is on its way), the packet waits for it (:meth:`_release_unrouted`); else it is
+        dropped as "no-route"."""
+        self.learn_routes(now)
+        if not any(p.certificate is None and p.pending is not None for p in self._peers.values()):
+            self.drops["no-route"] += 1
+            return
+        if len(self._unrouted) >= MAX_QUEUED_PACKETS:
+            self._unrouted.popleft()
+            self.drops["no-route"] += 1
+        self._unrouted.append((now + UNROUTED_HOLD_TIME, bytes(inner)))
+
+    def _release_unrouted(self, now: float) -> None:
+        """Routes changed (a certificate was learned): held packets that now have an owner go to
+        it; the others wait on while some certificate is still being learned, until they expire."""
+        held, self._unrouted = self._unrouted, deque()
+        learning = any(p.certificate is None and p.pending is not None for p in self._peers.values())
+        for deadline, inner in held:
+            if self.route(inner[16:20]) is not None:
+                self.send_packet(inner, now)
+            elif learning and now < deadline:
+                self._unrouted.append((deadline, inner))
+            else:
+                self.drops["no-route"] += 1
 
     def send_control(self, payload: bytes, peer_ip, now: float, msg_type: MessageType = MessageType.CONTROL) -> bool:
         """Send a CONTROL/RELAY/DATA_BATCH payload on an established session; False if there is none."""
@@ -769,7 +798,8 @@ class TunnelEngine:
         peer.attempts_started_at = None
         old_cert = peer.certificate
         peer.certificate = session.certificate
-        if old_cert is None or old_cert.subnets != session.certificate.subnets:
+        routes_changed = old_cert is None or old_cert.subnets != session.certificate.subnets
+        if routes_changed:
             self._rebuild_routes()
         if not peer.up or old_cert != session.certificate:  # up, or up again with a renewed certificate
             peer.up = True
@@ -781,6 +811,8 @@ class TunnelEngine:
         while peer.queue and session.can_send(now):
             self._outbox.append((session.seal(peer.queue.popleft(), _DATA, now), peer.endpoint))
             flushed += 1
+        if routes_changed and self._unrouted:
+            self._release_unrouted(now)
         return flushed
 
     def _roamed(self, peer: Peer, addr: Address) -> None:
@@ -806,6 +838,9 @@ class TunnelEngine:
         return peer.keepalive_from + KEEPALIVE_TIMEOUT
 
     def handle_timer(self, now: float) -> None:
+        if self._unrouted and (now >= self._unrouted[0][0] or not any(
+                p.certificate is None and p.pending is not None for p in self._peers.values())):
+            self._release_unrouted(now)  # expired, or nothing left to learn: dropped as no-route
         for peer in list(self._peers.values()):
             self._expire_sessions(peer, now)
             pending = peer.pending

@@ -18,22 +18,36 @@ A_IP, B_IP = "10.87.1.1", "10.87.2.1"
 B_CONTAINER = "10.87.2.2"
 
 
-def test_packet_to_an_unknown_peers_container_fetches_its_certificate():
+def test_packet_to_an_unknown_peers_container_waits_for_its_certificate_and_is_delivered():
     wire, a, b = pair()
     first = ipv4_packet(A_IP, B_CONTAINER, b"first")
     a.engine.send_packet(first, wire.now)
-    assert a.engine.drops["no-route"] == 1  # dropped: the owner is not known yet ...
-    [(initiation, to)] = a.engine.datagrams_to_send()  # ... but asked for, exactly once
+    assert not a.engine.drops  # held: a peer's certificate is being learned ...
+    [(initiation, to)] = a.engine.datagrams_to_send()  # ... and asked for, exactly once
     assert initiation[0] == MessageType.HANDSHAKE_INITIATION and to == b.addr
     b.engine.receive_datagram(initiation, a.addr, wire.now)
     wire.run()
-    # The certificate brought the route: the sender's retry (TCP SYN, the next ping) goes through.
+    # The certificate brought the route, and the held packet went with it.
     assert a.engine.route(IPv4Address(B_CONTAINER)) is a.engine._peers[IPv4Address(B_IP)]
+    assert b.received == [first]
     second = ipv4_packet(A_IP, B_CONTAINER, b"second")
     a.engine.send_packet(second, wire.now)
     wire.run()
-    assert b.received == [second]
-    assert dict(a.engine.drops) == {"no-route": 1}
+    assert b.received == [first, second]
+    assert not a.engine.drops
+
+
+def test_a_held_packet_nobody_owns_is_dropped_once_learning_ends():
+    wire, a, b = pair()
+    nobody = ipv4_packet(A_IP, "10.87.9.9", b"to nowhere")
+    a.engine.send_packet(nobody, wire.now)
+    assert not a.engine.drops and a.engine.get_timer() is not None
+    wire.run()  # b's certificate arrives: it does not own 10.87.9.9, and no one else is being learned
+    a.engine.handle_timer(wire.now)
+    assert a.engine.drops["no-route"] == 1 and not b.received
+    # Once every certificate is known, such a packet is dropped at once, not held.
+    a.engine.send_packet(nobody, wire.now)
+    assert a.engine.drops["no-route"] == 2 and not a.engine._unrouted
 
 
 def test_learn_routes_at_start_so_the_first_packet_is_not_lost():
@@ -59,6 +73,7 @@ def test_no_route_traffic_to_an_unreachable_peer_costs_one_initiation_per_retry_
     assert len(a.engine.datagrams_to_send()) == 1
     wire.advance(REKEY_TIMEOUT + 1)
     assert a.engine.stats["initiation-sent"] == 2  # the engine's own retry, not one per packet
+    assert a.engine.drops["no-route"] == 50  # held UNROUTED_HOLD_TIME while learning, then dropped
     wire.advance(REKEY_ATTEMPT_TIME)
     # The series gave up; the next unrouted packet starts a new one.
     sent = a.engine.stats["initiation-sent"]
