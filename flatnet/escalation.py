@@ -32,7 +32,10 @@ Rules (Tailscale's magicsock works the same way; the numbers are :class:`Escalat
   ``discovery_interval``, so a path is declared dead only after many lost probes in a row
   (at 5 % loss each way, ~14 probes lost in a row: never in practice). A path that died is held
   down (not taken again) for ``holddown`` seconds, doubled per failure up to ``holddown_max``:
-  a path that works only now and then does not make the peer flap.
+  a path that works only now and then does not make the peer flap. A hold-down never leaves a
+  peer without a path, though: when nothing else has answered for ``probe_timeout``, a held-down
+  path that answers is taken (a relay that restarted is back when it answers, not a hold-down
+  later).
 - Same rung, different path (two LAN addresses): no switch while the current one answers; once
   it has been quiet for ``suspect_after`` and an equal path answers (the peer roamed and a
   lighthouse told us its new address), that one takes over without waiting for ``dead_after``.
@@ -107,7 +110,7 @@ class Probe:
 class PathChanged:
     old: Path | None
     new: Path | None
-    reason: str  # "first" | "upgrade" | "dead" | "roamed" | "fallback" | "removed"
+    reason: str  # "first" | "upgrade" | "dead" | "roamed" | "fallback" | "removed" | "suspect" | "only-path"
     at: float
 
 
@@ -234,10 +237,12 @@ class PathSelector:
         self._reselect(now, "upgrade")
         return True
 
-    def probe_now(self, now: float) -> None:
-        """Probe every path that is not alive at once, fast (a punch notice; the probe key just
-        became known)."""
+    def probe_now(self, now: float, path: Path | None = None) -> None:
+        """Probe every path that is not alive (only *path*, if given) at once, fast (a punch
+        notice; the probe key just became known; a relay acknowledged a BIND again)."""
         for state in self._paths.values():
+            if path is not None and state.path != path:
+                continue
             if not state.alive(now, self.settings.dead_after):
                 state.next_probe_at = now
                 state.fast_probes_left = max(state.fast_probes_left, self.settings.discovery_probes)
@@ -345,6 +350,16 @@ class PathSelector:
             pick = min(alive, key=lambda st: (st.path.rung, st.rtt or 0.0))
             if pick.path != self._current or not self._confirmed_current:
                 self._switch(pick.path, reason if reason != "upgrade" else "first", now, confirmed=True)
+            return
+        # Hold-downs keep a flapping path from displacing a working one; with no working one, a
+        # held-down path that answers beats a guess (the only path to the peer came back) once
+        # the guess has had a probe's time to answer.
+        held = [st for st in self._paths.values() if st.alive(now, s.dead_after)]
+        if held and (current is None or now - self._rung_since >= s.probe_timeout):
+            pick = min(held, key=lambda st: (st.path.rung, st.rtt or 0.0))
+            if pick.path != self._current or not self._confirmed_current:
+                self.counters["held-down-taken"] += 1
+                self._switch(pick.path, "only-path", now, confirmed=True)
             return
         if current is None or self._confirmed_current:
             self._switch(self._fallback(now), "fallback" if reason == "upgrade" else reason, now, confirmed=False)

@@ -131,6 +131,8 @@ class NodeDiscovery:
 
     def tick(self, now: float) -> None:
         self.client.tick(now)
+        if self.use_relays:
+            self._replace_dead_relays(now)
         for host, asked in self._relay_asked.items():
             if now - asked > RELAY_RETRY:  # no offer came (refused, lost, lighthouse restarted)
                 self._relay_asked[host] = now
@@ -138,6 +140,24 @@ class NodeDiscovery:
                 self.client.request_relay(host, now)
         self._resolve_due(now)
         self._after_client(now)
+
+    def _replace_dead_relays(self, now: float) -> None:
+        """A peer whose every relay session has gone unacknowledged for the mux's
+        ``relay_dead_after`` (its relay died, or stays down) gets a session asked for again, as at
+        first: the lower IP at once, the higher after RELAY_WAIT unless the lower's session brings
+        it an offer. The request goes to the lighthouse that acknowledged us last, so with a
+        second lighthouse up it is that one's relay; the dead session is dropped when the new one
+        is added (``PathMux.add_relay``)."""
+        for host in self.mux.peers_with_dead_relays(now):
+            if self._relay_asked.get(host) != float("inf"):
+                continue  # asking already
+            self.counters["relay-dead"] += 1
+            log.info("every relay session to %s is dead: asking for another", host)
+            if self.engine.certificate.ip.ip < host:
+                self._relay_asked[host] = now
+                self.client.request_relay(host, now)
+            else:
+                self._relay_asked[host] = now - RELAY_RETRY + RELAY_WAIT
 
     def registered(self) -> bool:
         return any(acked is not None for acked, _ in self.client.lighthouse_status().values())
@@ -351,6 +371,7 @@ class Escalation:
             "peers": self.mux.status(self.clock()),
             "counters": dict(self.mux.counters),
             "endpoint": dict(self.endpoint.counters),
+            "relay_tcp": self.endpoint.relay_status() if hasattr(self.endpoint, "relay_status") else {},
             "tunnel_drops": dict(self.mux.engine.drops),
         }
         if self.discovery is not None:

@@ -73,6 +73,7 @@ UDP = "udp"
 TCP = "tcp"
 _HANDSHAKE_TYPES = frozenset({MessageType.HANDSHAKE_INITIATION, MessageType.HANDSHAKE_RESPONSE, MessageType.COOKIE_REPLY})
 MAX_PATHS_PER_PEER = 16  # candidates (LAN, punched, learned) and relay sessions of one peer
+MAX_RELAYS_PER_PEER = 4  # relay sessions of one peer (a new one beyond this drops the oldest)
 INITIATION_RESENDS = (0.2, 0.5, 1.0, 2.0)  # seconds after an initiation: its copies on every path
 _RFC1918 = tuple(IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
@@ -112,10 +113,19 @@ class Transmit:
 class RelaySessionBinding:
     """One relay session of a peer. A session's side is bound to one address at a time, so the
     node binds it over one transport: UDP while the relay acknowledges UDP BINDs, else TCP, with a
-    trial UDP BIND every ``udp_retry_interval`` seconds to come back when UDP works again."""
+    trial UDP BIND every ``udp_retry_interval`` seconds to come back when UDP works again.
+
+    Relay sessions are soft state: a relay that restarts has forgotten them all, and a BIND with
+    the token the node already holds makes it create the session again (the lighthouse is not
+    asked for anything). So a BIND is repeated ``unacked_rebind_interval`` after it went out
+    until its ACK comes (the ACK moves the next one to ``rebind_interval``), and a relay path that
+    carries the traffic and goes quiet is re-bound at once. A relay that answers neither UDP nor
+    TCP is down, not behind a UDP-blocking firewall: the session moves to TCP only once a trial
+    TCP BIND is acknowledged while UDP BINDs are not (and one more UDP BIND after that TCP ACK
+    goes unanswered), and a TCP binding whose BINDs go unanswered tries UDP at the same pace."""
 
     __slots__ = ("session_id", "side", "token", "routes", "transport", "unacked", "next_bind_at",
-                 "next_udp_trial_at", "acked_at")
+                 "next_udp_trial_at", "acked_at", "last_bind_at", "tcp_answered_at", "created_at")
 
     def __init__(self, session_id: bytes, side: int, token: bytes, routes: dict[str, RelayRoute], now: float) -> None:
         self.session_id = session_id
@@ -127,6 +137,13 @@ class RelaySessionBinding:
         self.next_bind_at = now
         self.next_udp_trial_at: float | None = None
         self.acked_at: float | None = None
+        self.last_bind_at: float | None = None  # the last BIND on self.transport
+        self.tcp_answered_at: float | None = None  # a trial TCP BIND was acknowledged while UDP was not
+        self.created_at = now
+
+    def dead(self, now: float, dead_after: float) -> bool:
+        """No BIND_ACK (on any transport) for *dead_after* seconds: its relay is gone."""
+        return now - (self.acked_at if self.acked_at is not None else self.created_at) >= dead_after
 
 
 class PeerPaths:
@@ -156,6 +173,7 @@ class PathMux:
         unacked_rebind_interval: float = 1.0,
         udp_failover_after: int = 3,
         udp_retry_interval: float = 30.0,
+        relay_dead_after: float = 15.0,
     ) -> None:
         self.engine = engine
         self.own_ip = engine.certificate.ip.ip
@@ -166,6 +184,7 @@ class PathMux:
         self.unacked_rebind_interval = unacked_rebind_interval
         self.udp_failover_after = udp_failover_after
         self.udp_retry_interval = udp_retry_interval
+        self.relay_dead_after = relay_dead_after
         self.peers: dict[IPv4Address, PeerPaths] = {}
         self._by_address: dict[object, IPv4Address] = {}  # UDP address or RelayRoute -> peer
         self._out: list[Transmit] = []
@@ -224,6 +243,13 @@ class PathMux:
             routes[transport] = RelayRoute(transport, (str(relay[0]), int(relay[1])), bytes(session_id))
         if not routes:
             raise ValueError("a relay session needs at least one relay endpoint")
+        # A new session replaces the ones whose relay is gone (discovery asks for one when every
+        # session of the peer is dead); the number of sessions is bounded whatever is offered.
+        for old in list(peer.relays.values()):
+            if old.session_id != bytes(session_id) and old.dead(now, self.relay_dead_after):
+                self.remove_relay(peer.ip, old.session_id, now)
+        while len(peer.relays) >= MAX_RELAYS_PER_PEER and bytes(session_id) not in peer.relays:
+            self.remove_relay(peer.ip, next(iter(peer.relays)), now)
         binding = RelaySessionBinding(bytes(session_id), side, bytes(token), routes, now)
         peer.relays[binding.session_id] = binding
         for route in routes.values():
@@ -234,11 +260,34 @@ class PathMux:
             self._drain_selector(peer)
         return binding
 
+    def remove_relay(self, peer_ip, session_id: bytes, now: float) -> None:
+        """Forget one relay session of a peer (its paths leave the selector)."""
+        peer = self.peers.get(IPv4Address(peer_ip))
+        binding = peer.relays.pop(bytes(session_id), None) if peer is not None else None
+        if binding is None:
+            return
+        self.counters["relay.removed"] += 1
+        for route in binding.routes.values():
+            if self._by_address.get(route) == peer.ip:
+                del self._by_address[route]
+            peer.selector.remove_path(self._relay_path(route), now)
+        self._drain_selector(peer)
+
+    def peers_with_dead_relays(self, now: float) -> list[IPv4Address]:
+        """Peers that have relay sessions, none of them acknowledged for ``relay_dead_after``:
+        their relay is gone (discovery asks a lighthouse for a session on another)."""
+        return [
+            peer.ip for peer in self.peers.values()
+            if peer.relays and all(b.dead(now, self.relay_dead_after) for b in peer.relays.values())
+        ]
+
     def _rebind_transport(self, peer: PeerPaths, binding: RelaySessionBinding, transport: str, now: float) -> None:
         """The session's side moves to *transport*: its path replaces the other transport's."""
         old = binding.routes[binding.transport]
         binding.transport = transport
         binding.unacked = 0
+        binding.tcp_answered_at = None
+        binding.last_bind_at = None
         peer.selector.add_path(self._relay_path(binding.routes[transport]), now)
         peer.selector.remove_path(self._relay_path(old), now)
         peer.selector.probe_now(now)
@@ -329,17 +378,7 @@ class PathMux:
             self.counters["relay.drop.unknown-route"] += 1
             return None
         if parsed.type == TYPE_BIND_ACK:
-            self.counters["relay.bind-ack"] += 1
-            if binding.acked_at is None:  # the relay path just opened: a pending handshake can use it
-                self._resend_initiation(peer, now)
-            binding.acked_at = now
-            if transport == binding.transport:
-                binding.unacked = 0
-            elif transport == UDP:  # a trial UDP BIND came back: UDP works again, and the
-                self._rebind_transport(peer, binding, UDP, now)  # relay now forwards to our UDP address
-                binding.next_udp_trial_at = None
-                binding.next_bind_at = now + self.rebind_interval
-                self.counters["relay.back-to-udp"] += 1
+            self._bind_acked(peer, binding, transport, now)
             return None
         if parsed.type != TYPE_DATA:
             self.counters["relay.drop.unexpected-type"] += 1
@@ -350,6 +389,40 @@ class PathMux:
         rung = Rung.UDP_RELAY if transport == UDP else Rung.TCP_RELAY
         peer.selector.record_received(Path(rung, route), len(parsed.body))
         return parsed.body, virtual_endpoint(peer_ip)
+
+    def _bind_acked(self, peer: PeerPaths, binding: RelaySessionBinding, transport: str, now: float) -> None:
+        self.counters["relay.bind-ack"] += 1
+        silent_before = binding.acked_at is None or (transport == binding.transport and binding.unacked >= 2)
+        binding.acked_at = now
+        if transport == binding.transport:
+            # the relay path is open (perhaps just now, or on a new transport): a pending handshake
+            # can use it (a no-op once the handshake is done)
+            self._resend_initiation(peer, now)
+            binding.unacked = 0
+            binding.tcp_answered_at = None
+            if binding.last_bind_at is not None:  # answered: the next BIND is a keepalive
+                binding.next_bind_at = max(binding.next_bind_at, binding.last_bind_at + self.rebind_interval)
+            path = self._relay_path(binding.routes[transport])
+            state = peer.selector.state(path)
+            if state is not None and not state.alive(now, self.settings.dead_after) and (
+                silent_before or not peer.selector.confirmed
+            ):  # the relay is back (it restarted, or came back into reach): find out at once
+                self.counters["relay.back"] += 1
+                peer.selector.probe_now(now, path)
+                self._drain_selector(peer)
+        elif transport == UDP:  # a trial UDP BIND came back: UDP works again, and the
+            self._rebind_transport(peer, binding, UDP, now)  # relay now forwards to our UDP address
+            binding.next_udp_trial_at = None
+            binding.next_bind_at = now + self.rebind_interval
+            self.counters["relay.back-to-udp"] += 1
+        elif binding.unacked >= self.udp_failover_after:
+            # A trial TCP BIND answered while UDP ones are not: one more UDP BIND (which also moves
+            # the relay's side back to UDP); if that goes unanswered too, UDP is blocked.
+            if binding.tcp_answered_at is None:
+                binding.tcp_answered_at = now
+                self._bind(binding, UDP, now)
+        else:  # UDP answers again after all: our side goes back to UDP at the relay
+            self._bind(binding, UDP, now)
 
     def _rung_of(self, peer: PeerPaths, addr) -> Rung:
         for rung in (Rung.DIRECT_LAN, Rung.PUNCHED):
@@ -449,18 +522,38 @@ class PathMux:
     def _tick_binding(self, peer: PeerPaths, binding: RelaySessionBinding, now: float) -> None:
         if (
             binding.transport == UDP
-            and TCP in binding.routes
+            and binding.tcp_answered_at is not None
             and binding.unacked >= self.udp_failover_after
             and now >= binding.next_bind_at
         ):
             self._rebind_transport(peer, binding, TCP, now)  # UDP to the relay is blocked: bind over TCP
             binding.next_udp_trial_at = now + self.udp_retry_interval
             self.counters["relay.failover-to-tcp"] += 1
+        if binding.last_bind_at is not None and self._relay_went_quiet(peer, binding, now):
+            binding.next_bind_at = min(binding.next_bind_at, binding.last_bind_at + self.unacked_rebind_interval)
         if now >= binding.next_bind_at:
             self._bind(binding, binding.transport, now)
+            if binding.unacked >= self.udp_failover_after:  # no answer on this transport: try the other
+                if binding.transport == UDP and TCP in binding.routes and binding.tcp_answered_at is None:
+                    self._bind(binding, TCP, now, trial=True)
+                elif binding.transport == TCP and UDP in binding.routes:
+                    binding.next_udp_trial_at = now  # the relay may be down, not UDP blocked
         if binding.next_udp_trial_at is not None and now >= binding.next_udp_trial_at:
             binding.next_udp_trial_at = now + self.udp_retry_interval
             self._bind(binding, UDP, now, trial=True)
+
+    def _relay_went_quiet(self, peer: PeerPaths, binding: RelaySessionBinding, now: float) -> bool:
+        """The relay path carries the peer's traffic (or nothing does) and has not answered a probe
+        for ``suspect_after``, with no BIND_ACK since: the relay may have forgotten the session."""
+        selector = peer.selector
+        path = self._relay_path(binding.routes[binding.transport])
+        if selector.confirmed and selector.current() != path:
+            return False
+        state = selector.state(path)
+        if state is None or state.last_pong_at is None:
+            return False
+        quiet_since = state.last_pong_at + self.settings.suspect_after
+        return now >= quiet_since and (binding.acked_at is None or binding.acked_at < quiet_since)
 
     def get_timer(self) -> float | None:
         deadlines = [d for d in (self.engine.get_timer(), self.paths_timer()) if d is not None]
@@ -549,12 +642,10 @@ class PathMux:
         self.counters["relay.bind"] += 1
         if trial:
             return
-        binding.unacked += 1
-        # Unanswered BINDs are repeated quickly (and counted towards failing over to TCP).
-        # A session never acknowledged yet is retried quickly from the start (UDP blocked at start-up).
-        settled = binding.unacked <= 1 and binding.acked_at is not None
-        interval = self.rebind_interval if settled else self.unacked_rebind_interval
-        binding.next_bind_at = now + interval
+        binding.unacked += 1  # (counted towards trying the other transport)
+        binding.last_bind_at = now
+        # Repeated soon unless answered: the ACK moves the next BIND to rebind_interval after this.
+        binding.next_bind_at = now + self.unacked_rebind_interval
 
     def _drain_selector(self, peer: PeerPaths) -> None:
         while (event := peer.selector.next_event()) is not None:
@@ -576,6 +667,15 @@ class PathMux:
                 "bytes_sent": {r.label: v for r, v in sel.bytes_sent.items()},
                 "bytes_received": {r.label: v for r, v in sel.bytes_received.items()},
                 "paths": len(sel.paths()),
+                "relays": [
+                    {
+                        "session": b.session_id.hex(),
+                        "transport": b.transport,
+                        "acked_ago": None if b.acked_at is None else round(now - b.acked_at, 3),
+                        "unacked": b.unacked,
+                    }
+                    for b in peer.relays.values()
+                ],
             }
         return out
 
@@ -589,6 +689,10 @@ class RelayStreamConnection:
     ``send(frame)`` queues a frame (dropped and counted while disconnected: the tunnel retransmits
     what matters); each complete frame received goes to ``on_frame(frame)``. ``on_connected``
     runs after every (re)connect, so the owner can re-BIND at once.
+
+    Reconnects back off from ``backoff`` doubling to ``backoff_max`` (2 s): a relay that restarts
+    is back in use within 2 s of listening again (measured in tests/escalation/test_relay_restart.py),
+    and a SYN every 2 s per node to a relay that stays down costs nothing worth saving.
     """
 
     def __init__(
@@ -597,7 +701,7 @@ class RelayStreamConnection:
         on_frame: Callable[[bytes], None],
         on_connected: Callable[[], None] | None = None,
         backoff: float = 0.5,
-        backoff_max: float = 10.0,
+        backoff_max: float = 2.0,
     ) -> None:
         self.relay = relay
         self.on_frame = on_frame
@@ -887,6 +991,11 @@ class EscalatingEndpoint:
             )
             self._relay_tcp[relay] = conn
             conn.start()
+
+    def relay_status(self) -> dict[str, dict]:
+        """Each TCP relay connection: connected or not, and its counters (connect, closed-by-relay,
+        connect-failed, drop.*)."""
+        return {f"{r[0]}:{r[1]}": {"connected": c.connected, **c.counters} for r, c in self._relay_tcp.items()}
 
     def _tcp_frame(self, frame: bytes, relay) -> None:
         inbound = self.mux.inbound_relay(frame, TCP, relay, self.clock())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flatnet.lab.nat import NatLab
+from flatnet.lab.nat import NatLab, build_nat_lab
 from flatnet.pki.cert import new_ca, sign_host
 from flatnet.pki.files import write_certificate, write_host_key
 from flatnet.testing.tunnel_pair import start_node as _start_node
@@ -158,4 +158,127 @@ def wait_for_rung(node, peer_ip: str, wanted: str, timeout: float = 40.0) -> flo
     raise AssertionError(f"rung to {peer_ip} is {last!r}, not {wanted!r} after {timeout}s")
 
 
-__all__ = ["start_node", "start_lighthouse", "write_files", "node_status", "rung", "wait_for_rung"]
+class Lab:
+    """A NAT lab (``build_nat_lab`` kwargs) with a lighthouse+relay (two with ``lighthouses=2``) in
+    the internet namespace and a node on each host; every process it starts is stopped by
+    :meth:`close` (the ``make_lab`` fixture calls it)."""
+
+    def __init__(self, netns_factory, tmp_path, lighthouses: int = 1, **kwargs):
+        self.lab = build_nat_lab(netns_factory, **kwargs)
+        self.configs = write_files(tmp_path, self.lab, lighthouses)
+        self.processes = []
+        self.lighthouse = start_lighthouse(self.lab.internet, self.configs["lighthouse"])
+        self.processes.append(self.lighthouse)
+        if lighthouses > 1:
+            self.lighthouse2 = start_lighthouse(self.lab.internet, self.configs["lighthouse2"])
+            self.processes.append(self.lighthouse2)
+        self.a = start_node(self.lab.host_a, self.configs["a"])
+        self.processes.append(self.a)
+        self.b = start_node(self.lab.host_b, self.configs["b"])
+        self.processes.append(self.b)
+
+    def stream(self, total: int, seconds: float, port: int = 5001):
+        """Start a TCP stream A -> B through the tunnel; returns (server, client) processes."""
+        server = self.lab.host_b.popen(
+            [sys.executable, "-m", "tests.escalation.lab_tcp", "serve", FLATNET["b"], str(port)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        client = self.lab.host_a.popen(
+            [sys.executable, "-m", "tests.escalation.lab_tcp", "send", FLATNET["b"], str(port), str(total), str(seconds)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.processes += [server, client]
+        return server, client
+
+    def transfer_intact(self, total: int = 2_000_000, seconds: float = 1.0) -> None:
+        server, client = self.stream(total, seconds)
+        sent, _ = client.communicate(timeout=90)
+        received, _ = server.communicate(timeout=30)
+        assert sent.split()[0] == str(total // 16384 * 16384) and sent == received
+
+    def close(self):
+        outputs = []
+        for p in reversed(self.processes):
+            if hasattr(p, "stop"):
+                outputs.append(p.stop())
+            elif p.poll() is None:
+                p.kill()
+                p.communicate()
+        return outputs
+
+    def kill_relay(self) -> None:
+        """The first lighthouse (which serves the relay) dies at once (SIGKILL: no goodbye; the
+        kernel resets its TCP connections and answers its UDP ports with ICMP unreachable)."""
+        self.lighthouse.proc.kill()
+        self.lighthouse.stop()
+        self.processes.remove(self.lighthouse)
+
+    def start_relay(self) -> None:
+        """The first lighthouse again, same address, same config (an empty relay table)."""
+        self.lighthouse = start_lighthouse(self.lab.internet, self.configs["lighthouse"])
+        self.processes.append(self.lighthouse)
+
+    def relay_metrics(self) -> dict[str, float]:
+        """The first lighthouse's Prometheus samples (its default ``[metrics] listen``,
+        127.0.0.1:9588 of the internet namespace): ``{'name{labels}': value}``."""
+        script = (
+            "import sys, urllib.request; "
+            "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9588/metrics', timeout=10).read().decode())"
+        )
+        text = self.lab.internet.run([sys.executable, "-c", script], timeout=30).stdout
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def pinger(self, interval: float = 0.2) -> Pinger:
+        """ICMP echo A -> B through the tunnel every *interval* seconds, timestamped."""
+        pinger = Pinger(self.lab.host_a, FLATNET["b"], interval)
+        self.processes.append(pinger)
+        return pinger
+
+
+class Pinger:
+    """``ping -D`` in a namespace; :meth:`finish` stops it and returns the reply times (wall
+    clock, as ``time.time()``), from which :func:`longest_gap` measures an outage."""
+
+    def __init__(self, ns, address: str, interval: float) -> None:
+        self.interval = interval
+        self.proc = ns.popen(
+            ["ping", "-D", "-n", "-i", str(interval), "-W", "1", address],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.output = ""
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.output += out or ""
+        return self.output
+
+    def finish(self) -> list[float]:
+        self.stop()
+        replies = []
+        for line in self.output.splitlines():
+            if line.startswith("[") and "bytes from" in line:
+                replies.append(float(line[1 : line.index("]")]))
+        return replies
+
+
+def longest_gap(replies: list[float], start: float, end: float) -> float:
+    """The longest time without a reply that overlaps [start, end] (seconds): the outage seen
+    by a steady pinger. No reply after *start* at all is an unbounded outage."""
+    before = [t for t in replies if t <= start]
+    after = [t for t in replies if t > start]
+    if not before or not after:
+        return float("inf")
+    times = [before[-1]] + [t for t in after if t <= end] + [t for t in after if t > end][:1]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))

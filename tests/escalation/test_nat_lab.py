@@ -5,86 +5,17 @@ tunnel arrives intact."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
-from flatnet.lab.nat import CONE, SYMMETRIC, build_nat_lab
+from flatnet.lab.nat import CONE, SYMMETRIC
 from flatnet.testing.markers import needs_root, require_tools
-from tests.escalation.lab_harness import (
-    FLATNET,
-    node_status,
-    start_lighthouse,
-    start_node,
-    wait_for_rung,
-    write_files,
-)
+from tests.escalation.lab_harness import FLATNET, node_status, start_node, wait_for_rung
 
 pytestmark = [pytest.mark.slow, needs_root, require_tools("nft")]
 
 A_IP, B_IP = FLATNET["a"], FLATNET["b"]
-
-
-class Lab:
-    def __init__(self, netns_factory, tmp_path, lighthouses: int = 1, **kwargs):
-        self.lab = build_nat_lab(netns_factory, **kwargs)
-        self.configs = write_files(tmp_path, self.lab, lighthouses)
-        self.processes = []
-        self.lighthouse = start_lighthouse(self.lab.internet, self.configs["lighthouse"])
-        self.processes.append(self.lighthouse)
-        if lighthouses > 1:
-            self.lighthouse2 = start_lighthouse(self.lab.internet, self.configs["lighthouse2"])
-            self.processes.append(self.lighthouse2)
-        self.a = start_node(self.lab.host_a, self.configs["a"])
-        self.processes.append(self.a)
-        self.b = start_node(self.lab.host_b, self.configs["b"])
-        self.processes.append(self.b)
-
-    def stream(self, total: int, seconds: float, port: int = 5001):
-        """Start a TCP stream A -> B through the tunnel; returns (server, client) processes."""
-        server = self.lab.host_b.popen(
-            [sys.executable, "-m", "tests.escalation.lab_tcp", "serve", B_IP, str(port)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert server.stdout.readline().strip() == "listening"
-        client = self.lab.host_a.popen(
-            [sys.executable, "-m", "tests.escalation.lab_tcp", "send", B_IP, str(port), str(total), str(seconds)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        self.processes += [server, client]
-        return server, client
-
-    def transfer_intact(self, total: int = 2_000_000, seconds: float = 1.0) -> None:
-        server, client = self.stream(total, seconds)
-        sent, _ = client.communicate(timeout=90)
-        received, _ = server.communicate(timeout=30)
-        assert sent.split()[0] == str(total // 16384 * 16384) and sent == received
-
-    def close(self):
-        outputs = []
-        for p in reversed(self.processes):
-            if hasattr(p, "stop"):
-                outputs.append(p.stop())
-            elif p.poll() is None:
-                p.kill()
-                p.communicate()
-        return outputs
-
-
-@pytest.fixture
-def make_lab(netns_factory, tmp_path):
-    labs = []
-
-    def make(**kwargs):
-        lab = Lab(netns_factory, tmp_path, **kwargs)
-        labs.append(lab)
-        return lab
-
-    yield make
-    for lab in labs:
-        lab.close()
 
 
 def test_cone_nats_punch_through(make_lab):

@@ -135,10 +135,12 @@ def test_udp_relay_fails_over_to_tcp_and_comes_back():
     sid = b"S" * 8
     binding = a.add_relay("10.87.2.1", sid, 0, mint_relay_token(SECRET, sid, 0), [(UDP, RELAY), (TCP, RELAY)], now)
     t = now
-    for _ in range(20):  # nobody answers the UDP BINDs
+    for _ in range(40):  # the relay answers TCP BINDs only (UDP is blocked on the way)
         t = a.get_timer()
         a.handle_timer(t)
-        a.transmits(t)
+        for tx in a.transmits(t):
+            if tx.transport == TCP and parse_relay_frame(tx.data).type == 1:
+                a.receive_relay_frame(encode_relay_frame(2, 0, sid), TCP, RELAY, t + 0.01)
         if binding.transport == TCP:
             break
     assert binding.transport == TCP and a.counters["relay.failover-to-tcp"] == 1
@@ -203,3 +205,70 @@ def test_candidates_per_peer_are_bounded():
         a.add_candidate("10.87.2.1", ("198.51.100.2", 40000 + port), T0)
     assert len(a.peers[IPv4Address("10.87.2.1")].selector.paths()) == MAX_PATHS_PER_PEER
     assert a.counters["candidate-over-limit"] == 100 - MAX_PATHS_PER_PEER
+
+
+def bind_frames(sent, transport=None):
+    return [tx for tx in sent if tx.addr == RELAY and parse_relay_frame(tx.data).type == 1
+            and (transport is None or tx.transport == transport)]
+
+
+def run_relay(a, start, end, answer):
+    """Run A's timers from *start* to *end*; the relay answers the BINDs on transports in *answer*
+    (a callable of the time). Returns the BINDs sent, with their times."""
+    t, sent = start, []
+    while (deadline := a.get_timer()) is not None and deadline <= end:
+        t = max(t, deadline)
+        a.handle_timer(t)
+        for tx in bind_frames(a.transmits(t)):
+            sent.append((t, tx))
+            if tx.transport in answer(t):
+                a.receive_relay_frame(encode_relay_frame(2, 0, parse_relay_frame(tx.data).session_id), tx.transport, RELAY, t + 0.01)
+    return sent
+
+
+def test_a_relay_down_on_both_transports_is_not_mistaken_for_blocked_udp():
+    """A relay that restarts answers neither UDP nor TCP for a while: the session stays on UDP,
+    BINDs are repeated every second while unanswered, and the first ACK after the restart has
+    the relay path probed at once (issue 7, relay restart)."""
+    a, _, now = connected_pair()
+    sid = b"S" * 8
+    binding = a.add_relay("10.87.2.1", sid, 0, mint_relay_token(SECRET, sid, 0), [(UDP, RELAY), (TCP, RELAY)], now)
+    both = {UDP, TCP}
+    run_relay(a, now, now + 20, lambda t: both)
+    assert binding.transport == UDP and binding.unacked == 0
+    down_at, back_at = now + 20, now + 30
+    sent = run_relay(a, down_at, back_at, lambda t: set())
+    udp_binds = [t for t, tx in sent if tx.transport == UDP]
+    assert udp_binds and max(b - x for x, b in zip([down_at, *udp_binds], udp_binds, strict=False)) <= 5.0
+    assert back_at - udp_binds[-1] <= 1.0  # unanswered: once a second
+    assert binding.transport == UDP and a.counters["relay.failover-to-tcp"] == 0
+    assert any(tx.transport == TCP for _, tx in sent)  # it did ask whether TCP would do
+    probes_before = a.peers[IPv4Address("10.87.2.1")].selector.counters["probe"]
+    sent = run_relay(a, back_at, back_at + 2, lambda t: both)
+    assert sent and sent[0][0] - back_at <= 1.0  # re-bound within a second of the relay's return
+    assert binding.transport == UDP and binding.unacked == 0 and a.counters["relay.back"] >= 1
+    assert a.peers[IPv4Address("10.87.2.1")].selector.counters["probe"] > probes_before
+
+
+def test_a_quiet_relay_path_is_rebound_before_the_keepalive_bind():
+    """The relay restarted between two keepalive BINDs (nothing unanswered yet): the relay path
+    carrying the traffic stops answering probes, and is re-bound after suspect_after, not up to
+    rebind_interval later."""
+    from flatnet.escalation import Path
+    from flatnet.node.paths import RelayRoute
+
+    a, _ = make_pair()
+    sid = b"S" * 8
+    now = T0
+    binding = a.add_relay("10.87.2.1", sid, 0, mint_relay_token(SECRET, sid, 0), [(UDP, RELAY)], now)
+    a.transmits(now)
+    a.receive_relay_frame(encode_relay_frame(2, 0, sid), UDP, RELAY, now + 0.01)
+    selector = a.peers[IPv4Address("10.87.2.1")].selector
+    path = Path(Rung.UDP_RELAY, RelayRoute(UDP, RELAY, sid))
+    assert selector.current() == path
+    selector.state(path).last_pong_at = now + 0.5  # (a PONG; the selector is tested on its own)
+    a.handle_timer(now + 3.0)
+    assert not bind_frames(a.transmits(now + 3.0))
+    a.handle_timer(now + 3.6)  # no PONG for suspect_after (3 s)
+    assert bind_frames(a.transmits(now + 3.6), UDP)
+    assert binding.next_bind_at < now + 5.0

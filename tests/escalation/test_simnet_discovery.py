@@ -23,6 +23,8 @@ from tests.escalation.topology import RELAY_SECRET, RELAY_TCP, RELAY_UDP, RelayP
 from tests.proto.harness import T0, ipv4_packet, make_ca, make_identity
 
 LH_IP, LH_ADDR = "10.87.255.1", ("203.0.113.10", 4242)
+RELAY2_UDP, RELAY2_TCP = ("203.0.113.51", 3478), ("203.0.113.51", 443)  # a second relay
+RELAY_TRANSPORTS = {RELAY_UDP: UDP, RELAY_TCP: TCP, RELAY2_UDP: UDP, RELAY2_TCP: TCP}
 
 
 class SimLighthouse:
@@ -74,8 +76,8 @@ class DiscoveringHost:
         self.received = []
 
     def receive_datagram(self, data, addr, now):
-        if tuple(addr) in (RELAY_UDP, RELAY_TCP):
-            self.mux.receive_relay_frame(data, UDP if tuple(addr) == RELAY_UDP else TCP, tuple(addr), now)
+        if tuple(addr) in RELAY_TRANSPORTS:
+            self.mux.receive_relay_frame(data, RELAY_TRANSPORTS[tuple(addr)], tuple(addr), now)
         else:
             self.mux.receive_udp(data, addr, now)
         self._drain(now)
@@ -90,7 +92,7 @@ class DiscoveringHost:
         return min(times)
 
     def datagrams_to_send(self, now):
-        return [(tx.data, RELAY_TCP if tx.transport == TCP else tx.addr) for tx in self.mux.transmits(now)]
+        return [(tx.data, tx.addr) for tx in self.mux.transmits(now)]  # (TCP: the relay's port 443)
 
     def _drain(self, now):
         while (event := self.mux.next_event(now)) is not None:
@@ -143,3 +145,45 @@ def test_behind_a_symmetric_nat_the_granted_relay_carries_the_traffic():
     a.engine.send_packet(packet, net.clock.now)
     net.run_for(1)
     assert b.received == [packet]
+
+
+def test_a_relay_that_dies_for_good_is_replaced_by_another():
+    """Issue 7: the pair's relay dies and stays dead; the lighthouse now offers another relay (as a
+    second lighthouse with its own relay would). Once every session of the peer has gone
+    unacknowledged for relay_dead_after, the lower IP asks for a session again and both move to
+    the new relay; the dead session is dropped."""
+    net, lh, a, b = world({"mapping": SYMMETRIC, "filtering": SYMMETRIC}, {})
+    net.run_until(lambda: a.rung(b) == Rung.UDP_RELAY and b.rung(a) == Rung.UDP_RELAY, max_time=10)
+    net.run_for(10)
+    table2 = RelayTable(RELAY_SECRET)
+    ports2: dict = {}
+    net.add_node("relay2-udp", RelayPort(table2, UDP, ports2), RELAY2_UDP)
+    net.add_node("relay2-tcp", RelayPort(table2, TCP, ports2), RELAY2_TCP)
+    lh.core.relays = (Relay(TRANSPORT_UDP, RELAY2_UDP), Relay(TRANSPORT_TCP, RELAY2_TCP))
+    received_at = []
+
+    def send(n=0):
+        a.engine.send_packet(ipv4_packet(a.ip, b.ip, b"%06d" % n), net.clock.now)
+        net.flush()
+        received_at.extend([net.clock.now] * (len(b.received) - len(received_at)))
+        if n < 600:
+            net.clock.call_later(0.1, lambda: send(n + 1))
+
+    send()
+    net.run_for(5)
+    died_at = net.clock.now
+    for host in ("alpha", "bravo"):
+        net.block(host, RELAY_UDP[0])  # relay 1 is gone for good
+    net.run_for(45)
+    for me, other in ((a, b), (b, a)):
+        peer = me.mux.peers[IPv4Address(other.ip)]
+        assert me.rung(other) == Rung.UDP_RELAY and peer.selector.confirmed
+        assert peer.selector.current().address.relay == RELAY2_UDP
+        assert len(peer.relays) == 1  # the dead session was dropped
+    assert a.discovery.counters["relay-dead"] == 1 and a.mux.counters["relay.removed"] == 1
+    assert len(table2) == 1
+    gap = max(y - x for x, y in zip(received_at, received_at[1:], strict=False) if y > died_at)
+    # relay_dead_after (15 s) from the last ACK (a keepalive BIND every 5 s), plus a round trip to
+    # the lighthouse, the new session's BINDs and a probe
+    assert gap < a.mux.relay_dead_after + a.mux.rebind_interval + 2.0, gap
+    print(f"relay failover outage {gap:.2f}s")
