@@ -285,6 +285,9 @@ class DiscoveryService:
     def _relays_added(self, relays) -> None:
         for transport, relay in relays:
             self.endpoint.add_relay_address(transport, relay)
+        forget = getattr(self.endpoint, "forget_unused_relays", None)
+        if forget is not None:  # a new session may have replaced a dead relay's
+            forget()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="discovery")

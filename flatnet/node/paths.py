@@ -24,7 +24,11 @@ punched from a port the lighthouse never saw) - confirmed only by our own PINGs 
 
 Relay paths: a :class:`RelayRoute` (transport, relay endpoint, session id). Tunnel datagrams are
 wrapped in DATA frames (``flatnet/proto/relay.py``); the session is (re)bound every
-``rebind_interval`` seconds with the token from the lighthouse's ``RelayOffer``.
+``rebind_interval`` seconds with the token from the lighthouse's ``RelayOffer`` (sooner while
+unanswered, and at once when the relay path goes quiet: see :class:`RelaySessionBinding`; a relay
+that restarted re-creates the session from the BIND). A peer whose sessions all go unanswered for
+``relay_dead_after`` is reported by :meth:`PathMux.peers_with_dead_relays` (discovery asks a
+lighthouse for a new one; :meth:`PathMux.add_relay` drops the dead ones).
 
 Outputs are :class:`Transmit` values: UDP datagrams to an address, or frames for the TCP
 connection to a relay (the I/O layer adds the length prefix). Bad input is dropped and counted in
@@ -996,6 +1000,20 @@ class EscalatingEndpoint:
         """Each TCP relay connection: connected or not, and its counters (connect, closed-by-relay,
         connect-failed, drop.*)."""
         return {f"{r[0]}:{r[1]}": {"connected": c.connected, **c.counters} for r, c in self._relay_tcp.items()}
+
+    def forget_unused_relays(self) -> None:
+        """Close the TCP connections (and stop recognising the UDP addresses) of relays no relay
+        session of any peer uses any more (after a dead relay's sessions were replaced)."""
+        in_use = {
+            (route.transport, route.relay)
+            for peer in self.mux.peers.values() for binding in peer.relays.values() for route in binding.routes.values()
+        }
+        self._relay_udp = {r for r in self._relay_udp if (UDP, r) in in_use}
+        for relay in [r for r in self._relay_tcp if (TCP, r) not in in_use]:
+            conn = self._relay_tcp.pop(relay)
+            if conn._task is not None:
+                conn._task.cancel()  # its finally closes the socket
+            self.counters["tcp.relay-forgotten"] += 1
 
     def _tcp_frame(self, frame: bytes, relay) -> None:
         inbound = self.mux.inbound_relay(frame, TCP, relay, self.clock())

@@ -156,6 +156,30 @@ def test_current_path_is_dropped_only_when_dead_and_then_held_down():
     assert s.current() == PUNCHED
 
 
+def test_a_held_down_path_that_answers_is_taken_when_nothing_else_does():
+    """The relay is the only path that works (symmetric NAT); it restarts: the path dies and is
+    held down. When it answers again (the mux probes it at once on the relay's BIND_ACK) it is
+    taken back before the hold-down ends: a hold-down never leaves a peer without a path."""
+    s = selector()
+    s.add_path(UDP_RELAY, 0.0)
+    s.add_path(LAN, 0.0)  # a LAN address of the peer's that never answers
+    d = Driver(s, working={UDP_RELAY})
+    d.run_until(20.0)
+    assert s.current() == UDP_RELAY and s.confirmed
+    d.working.clear()
+    state = s.state(UDP_RELAY)
+    while state.last_failure_at is None:
+        d.run_until(d.now + 0.1)
+    d.run_until(d.now + 2.5)  # the guess has had its chance (probe_timeout)
+    assert s.current() == LAN and not s.confirmed  # a guess: the relay died and is held down
+    d.working.add(UDP_RELAY)  # the relay is back
+    s.probe_now(d.now, UDP_RELAY)
+    d.run_until(d.now + 0.1)
+    assert d.now < state.holddown_until
+    assert s.current() == UDP_RELAY and s.confirmed
+    assert [e.reason for e in iter(s.next_event, None)][-1] == "only-path"
+
+
 def test_hold_down_doubles_for_a_path_that_keeps_failing():
     s = selector()
     s.add_path(UDP_RELAY, 0.0)

@@ -152,7 +152,8 @@ def test_a_relay_that_stays_dead_is_replaced_by_the_second_lighthouses_relay(mak
         status = node_status(node)["escalation"]
         peer_status = status["peers"][peer]
         assert peer_status["rung"] == "udp-relay" and peer_status["confirmed"] and other in peer_status["path"]
-        assert len(peer_status["relays"]) == 1  # the dead session was dropped
+        assert len(peer_status["relays"]) == 1  # the dead session was dropped ...
+        assert list(status["relay_tcp"]) == [f"{other}:443"]  # ... and the dead relay's connection
     assert node_status(lab.a)["escalation"]["discovery"]["counters"]["relay-dead"] >= 1
     # 15 s without an ACK (the last keepalive BIND up to 5 s before the death) + asking + binding
     assert outage < 15.0 + 5.0 + SLACK + 3.0, outage
