@@ -272,3 +272,40 @@ def test_a_quiet_relay_path_is_rebound_before_the_keepalive_bind():
     a.handle_timer(now + 3.6)  # no PONG for suspect_after (3 s)
     assert bind_frames(a.transmits(now + 3.6), UDP)
     assert binding.next_bind_at < now + 5.0
+
+
+async def test_the_tcp_connection_to_a_replaced_relay_is_closed():
+    """A peer's only relay session died and a session on another relay replaced it: the TCP
+    connection to the dead relay is closed (it would otherwise reconnect forever)."""
+    import asyncio
+
+    from flatnet.node.paths import EscalatingEndpoint
+    from flatnet.testing.udp_twin import UdpNetwork
+
+    accepted = []
+    servers = [await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0) for _ in range(2)]
+    dead, live = (tuple(s.sockets[0].getsockname()[:2]) for s in servers)
+    a, _ = make_pair()
+    twin = UdpNetwork().endpoint(A_ADDR)
+    twin.address = A_ADDR
+    endpoint = EscalatingEndpoint(twin, a, lambda: T0)
+    try:
+        a.add_relay("10.87.2.1", b"1" * 8, 0, mint_relay_token(SECRET, b"1" * 8, 0), [(TCP, dead)], T0)
+        endpoint.add_relay_address(TCP, dead)
+        doomed = endpoint._relay_tcp[dead]
+        assert a.peers_with_dead_relays(T0 + a.relay_dead_after) == [IPv4Address("10.87.2.1")]
+        a.add_relay("10.87.2.1", b"2" * 8, 0, mint_relay_token(SECRET, b"2" * 8, 0), [(TCP, live)], T0 + 20)
+        endpoint.add_relay_address(TCP, live)
+        endpoint.forget_unused_relays()
+        assert list(endpoint.relay_status()) == [f"{live[0]}:{live[1]}"]
+        assert endpoint.counters["tcp.relay-forgotten"] == 1 and a.counters["relay.removed"] == 1
+        assert list(a.peers[IPv4Address("10.87.2.1")].relays) == [b"2" * 8]
+        await asyncio.gather(doomed._task, return_exceptions=True)
+        assert not doomed.connected
+    finally:
+        await endpoint.stop()
+        for writer in accepted:
+            writer.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
