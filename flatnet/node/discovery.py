@@ -12,6 +12,10 @@ what the lighthouses say into paths for Graceful Escalation:
     RelayOffered(offer)                     -> mux.add_relay(peer, session, side, token, relays)
     RegisterAck with another observed addr  -> mux.underlay_changed(): we roamed
 
+A peer's relay sessions are asked for again when all of them have gone unacknowledged for the
+mux's ``relay_dead_after`` (the relay died and stays down): the new session, likely on another
+lighthouse's relay, replaces the dead one.
+
 Which peers does a node want? Every ``[[peers]]`` entry (an entry without endpoints is found only
 through the lighthouses). Answers are re-asked for when the lighthouse's TTL runs out, which also
 re-sends the peer a punch notice: a peer that roamed is found again within ``answer_ttl``.
