@@ -95,7 +95,8 @@ class Process:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-        return "".join(self.output) + (out or "")
+        unread = bytes(self.proc.__dict__.get("_lab_pending", b"")).decode(errors="replace")  # (see _readline)
+        return "".join(self.output) + unread + (out or "")
 
 
 def start_node(ns, config: Path, timeout: float = 40.0):
@@ -121,11 +122,25 @@ def start_lighthouse(ns, config: Path, timeout: float = 40.0) -> Process:
 
 
 def _readline(proc, timeout: float) -> str | None:
-    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, timeout))
-    if not ready:
-        return None
-    line = proc.stdout.readline()
-    return line or None
+    """The next line of *proc*'s output, None at EOF or after *timeout* seconds. Reads the pipe's
+    fd itself, with a buffer of its own: select() on a file object whose reader already buffered
+    the next lines (two log lines in one pipe read, e.g. a restarted lighthouse's "listening"
+    lines) would wait for data that is already here."""
+    pending = proc.__dict__.setdefault("_lab_pending", bytearray())
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + max(0.0, timeout)
+    while b"\n" not in pending:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        pending += chunk
+    end = pending.index(b"\n") + 1
+    line = bytes(pending[:end]).decode(errors="replace")
+    del pending[:end]
+    return line
 
 
 def node_status(node, timeout: float = 20.0) -> dict:
