@@ -247,6 +247,14 @@ class PathSelector:
                 state.next_probe_at = now
                 state.fast_probes_left = max(state.fast_probes_left, self.settings.discovery_probes)
 
+    def heard_from(self, path: Path, now: float) -> None:
+        """An authenticated PING from the peer came by *path*: if that path is not alive here, probe
+        it now (once; the peer can reach us that way, so we can likely reach it: both ends of a
+        relay that came back find it within one round trip of the later one's return)."""
+        state = self._paths.get(path)
+        if state is not None and not state.alive(now, self.settings.dead_after) and not state.outstanding:
+            state.next_probe_at = min(state.next_probe_at, now)
+
     def underlay_changed(self, now: float) -> None:
         """Our own underlay address changed: nothing we confirmed is known to work any more."""
         self.counters["underlay-changed"] += 1

@@ -460,6 +460,7 @@ class PathMux:
             self.counters["probe.ping-received"] += 1
             pong = encode_path_probe(KIND_PONG, self.own_ip, peer.ip, probe.nonce, peer.probe_key)
             self._emit(peer, path, pong, now)
+            peer.selector.heard_from(path, now)
             if route is None and self._by_address.get(addr) is None:
                 self.counters["probe.new-address"] += 1
                 self.add_candidate(peer.ip, addr, now)

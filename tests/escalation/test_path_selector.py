@@ -180,6 +180,23 @@ def test_a_held_down_path_that_answers_is_taken_when_nothing_else_does():
     assert [e.reason for e in iter(s.next_event, None)][-1] == "only-path"
 
 
+def test_a_ping_heard_on_a_quiet_path_has_it_probed_at_once():
+    s = selector()
+    s.add_path(UDP_RELAY, 0.0)
+    s.add_path(LAN, 0.0)
+    d = Driver(s, working={LAN})
+    d.run_until(60.0)  # the relay is a standby path, probed every standby_interval, not alive
+    state = s.state(UDP_RELAY)
+    assert state.next_probe_at > d.now + 1.0 and not state.alive(d.now, s.settings.dead_after)
+    state.outstanding.clear()
+    s.heard_from(UDP_RELAY, d.now)
+    assert [p.path for p in s.tick(d.now)] == [UDP_RELAY]
+    s.heard_from(UDP_RELAY, d.now)  # a PING is outstanding: no second one
+    assert s.tick(d.now) == []
+    s.heard_from(LAN, d.now)  # alive: nothing to do
+    assert s.state(LAN).next_probe_at > d.now
+
+
 def test_hold_down_doubles_for_a_path_that_keeps_failing():
     s = selector()
     s.add_path(UDP_RELAY, 0.0)

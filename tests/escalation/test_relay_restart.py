@@ -67,8 +67,14 @@ def _restart_relay_under_traffic(lab, down: float, total: int = 1_500_000, secon
     replies = pinger.finish()
     outage = longest_gap(replies, killed_at, time.time())
     print(f"relay down {restart_seconds:.2f}s (kill to listening), ping outage {outage:.2f}s")
-    assert sent == received and sent.split()[0] == str(total // 16384 * 16384)  # one connection, intact
+    # one connection, intact
+    assert sent == received and sent.split()[0] == str(total // 16384 * 16384), (sent, received, _diagnostics(lab))
     return outage, restart_seconds
+
+
+def _diagnostics(lab) -> dict:
+    """What a failure message shows: each node's escalation status."""
+    return {name: node_status(node)["escalation"] for name, node in (("a", lab.a), ("b", lab.b))}
 
 
 def _assert_one_live_relay_session(lab, peer_statuses, session_before):
@@ -91,7 +97,7 @@ def test_udp_relay_restart_recovers_within_the_rebind_bound(make_lab, down):
 
     outage, restart_seconds = _restart_relay_under_traffic(lab, down)
 
-    assert outage < bound(restart_seconds, "udp"), (outage, restart_seconds)
+    assert outage < bound(restart_seconds, "udp"), (outage, restart_seconds, _diagnostics(lab))
     a = node_status(lab.a)["escalation"]["peers"][B_IP]
     b = node_status(lab.b)["escalation"]["peers"][A_IP]
     # still UDP: a relay that was down is not mistaken for a firewall that blocks UDP
@@ -111,7 +117,7 @@ def test_tcp_relay_restart_reconnects_and_rebinds(make_lab, down):
 
     outage, restart_seconds = _restart_relay_under_traffic(lab, down)
 
-    assert outage < bound(restart_seconds, "tcp"), (outage, restart_seconds)
+    assert outage < bound(restart_seconds, "tcp"), (outage, restart_seconds, _diagnostics(lab))
     status = node_status(lab.a)["escalation"]
     a = status["peers"][B_IP]
     b = node_status(lab.b)["escalation"]["peers"][A_IP]
