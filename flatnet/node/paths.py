@@ -308,6 +308,12 @@ class PathMux:
             peer.probe_key = key
             peer.selector.probe_now(now)
 
+    def rebind_relays(self, now: float) -> None:
+        """Send every relay session's BIND at the next tick (a TCP connection to a relay opened)."""
+        for peer in self.peers.values():
+            for binding in peer.relays.values():
+                binding.next_bind_at = now
+
     def underlay_changed(self, now: float) -> None:
         """Our own address changed (roaming): re-bind relays and re-probe every path at once."""
         for peer in self.peers.values():
@@ -761,7 +767,8 @@ class RelayStreamConnection:
             except RelayFrameError:
                 self.counters["framing-error"] += 1
             except OSError:
-                self.counters["connect-failed"] += 1
+                # A reset of an open connection (a killed relay) is the relay closing it too.
+                self.counters["connect-failed" if writer is None else "closed-by-relay"] += 1
             finally:
                 self._writer = None
                 if writer is not None:
@@ -829,10 +836,7 @@ class PathIO:
             conn.start()
 
     def _rebind_all(self) -> None:
-        now = self.clock()
-        for peer in self.mux.peers.values():
-            for binding in peer.relays.values():
-                binding.next_bind_at = now
+        self.mux.rebind_relays(self.clock())
         self._on_timer()
 
     def udp_received(self, data: bytes, addr) -> None:
@@ -1025,10 +1029,7 @@ class EscalatingEndpoint:
                 self.wake()
 
     def _rebind_all(self) -> None:
-        now = self.clock()
-        for peer in self.mux.peers.values():
-            for binding in peer.relays.values():
-                binding.next_bind_at = now
+        self.mux.rebind_relays(self.clock())
         self.tick()
 
     def start(self, interval: float = 0.1) -> None:
