@@ -9,49 +9,21 @@ reloads. A port in use is logged and the lighthouse runs on without an exporter.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 
-from flatnet.node.config import parse_listen
-from flatnet.node.metrics_component import refresh_on_loop
-from flatnet.observability import Metrics, observe_lighthouse, observe_tunnel, start_exporter
-
-log = logging.getLogger("flatnet.lighthouse.metrics")
+from flatnet.exporter import LoopExporter
+from flatnet.observability import observe_lighthouse, observe_tunnel
 
 
-class LighthouseExporter:
+class LighthouseExporter(LoopExporter):
+    log = logging.getLogger("flatnet.lighthouse.metrics")
+
     def __init__(self, listen: str, service, relay=None) -> None:
-        self.listen = listen
+        super().__init__(listen)
         self.service = service  # lighthouse.service.LighthouseService
         self.relay = relay  # lighthouse.relay_service.RelayService or None
         self.reloads: Counter = Counter()  # outcome -> count, kept by the SIGHUP handler
-        self.metrics = Metrics()
-        self.server = None
-        self._thread = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return None if self.server is None else self.server.server_address[:2]
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        host, port = parse_listen(self.listen)
-        try:
-            self.server, self._thread = start_exporter(
-                self.metrics, port, host, before_scrape=lambda: refresh_on_loop(self._loop, self.refresh))
-        except OSError as exc:
-            log.error("metrics exporter not started on %s: %s", self.listen, exc.strerror or exc)
-            return
-        log.info("metrics on http://%s:%d/metrics", *self.address)
-
-    async def stop(self) -> None:
-        server, self.server = self.server, None
-        if server is not None:
-            await asyncio.to_thread(server.shutdown)
-            server.server_close()
-            self._thread.join(timeout=5)
 
     def refresh(self) -> None:
         m = self.metrics
