@@ -45,7 +45,15 @@ from flatnet.proto import batch as B
 log = logging.getLogger("flatnet.node.dataplane")
 
 _H = struct.Struct("!H")
+_HH = struct.Struct("!HH")
 _I = struct.Struct("!I")
+_RECORD_PACK = B.RECORD_HEADER.pack
+# Bytes into a TUN frame (virtio-net header + IPv4 header without options) and into a DATA_BATCH
+# plaintext of one record (record header + the same), as the express paths read them.
+_V = P.VNET_HDR_LEN
+_R = B.RECORD_HEADER_LEN
+EXPRESS_PROTOCOLS = frozenset((P.PROTO_ICMP, P.PROTO_UDP))
+EXPRESS_CACHE_MAX = 4096  # cached address pairs per direction (cleared when full)
 
 MAX_SUPERPACKET = 65535 - 256
 DECREASE_COOLDOWN = 8  # messages sent between two decreases of a peer's segment cap (no parity)
@@ -143,17 +151,67 @@ class Dataplane:
         self._local_cache: dict[bytes, bool] = {}
         self._spoof_cache: dict = {}
         self._identity_cache: dict = {}
+        # The express paths' caches, filled by the full path once a packet passed every check:
+        # out: src+dst (8 raw bytes) -> (route generation, peer, session, identity, path);
+        # in: src+dst -> (session, identity, path).
+        self._express_out: dict = {}
+        self._express_in: dict = {}
         seed = rng.getrandbits(32) if rng is not None else 0x5EED
         self._message_id = seed & 0xFFFFFFFF
         self._last_tick = None
         self._now: float | None = None
         # Space for records in one unfragmented message: the tunnel header and tag come off the budget.
         self._small_batch_limit = settings.datagram_budget - 32
+        # The largest TUN frame the express path seals alone: fits the overlay MTU and one datagram.
+        self._data_type = settings.data_type
+        self._express_max = _V + min(settings.overlay_mtu, self._small_batch_limit - _R)
         self._max_train_bytes = min(
             B.MAX_RECORD_LENGTH - 512, B.MAX_FRAGMENTS * B.fragment_piece_size(settings.datagram_budget) - 512
         )
 
     # ------------------------------------------------------------------ outbound
+
+    def express_out(self, frame, now: float):
+        """The express path for a lone small packet (a ping, a DNS query, a UDP request).
+
+        A plain IPv4 ICMP or UDP packet (no IP options, not a fragment, not a super-packet, small
+        enough for one datagram) whose source and destination the full path (:meth:`tun_frame`)
+        has already passed is sealed alone, at once: the route, the session and the peer's identity
+        come from one cache lookup, the firewall still judges every packet. Returns (datagram,
+        addr) to send, ``()`` when the firewall dropped it, or None: not an express packet (or the
+        cache is stale) -- the caller hands it to :meth:`tun_frame`. It exists for latency: an
+        idle ping pays every Python call of its path with cold caches, at each of its four hops.
+        """
+        if len(frame) > self._express_max or frame[1] or frame[_V] != 0x45 or frame[_V + 6] & 0x3F or frame[_V + 7]:
+            return None
+        proto = frame[_V + 9]
+        if proto == P.PROTO_ICMP:
+            sport = dport = 0
+        elif proto == P.PROTO_UDP and len(frame) >= _V + 28:
+            sport, dport = _HH.unpack_from(frame, _V + 20)
+        else:
+            return None
+        entry = self._express_out.get(frame[_V + 12 : _V + 20])
+        if entry is None:
+            return None
+        generation, peer, session, identity, path = entry
+        if generation != self.engine.route_generation or peer.current is not session:
+            return None
+        if not self.firewall.allow(OUTBOUND, proto, frame[_V + 12 : _V + 16], sport, frame[_V + 16 : _V + 20], dport,
+                                   identity, now):
+            self.drops["firewall_outbound"] += 1
+            return ()
+        size = len(frame) - _V
+        flags = B.FLAG_NEEDS_CSUM if frame[0] & P.VNET_NEEDS_CSUM else 0
+        try:
+            datagram = session.seal(_RECORD_PACK(B.RECORD_IP_PACKET, flags, size, 0) + frame[_V:], self._data_type, now)
+        except Exception:  # expired under our feet: the full path handshakes
+            return None
+        addr = peer.endpoint
+        self._count_sent(path, len(datagram), 1, addr)
+        self.stats["express_out"] += 1
+        self._now = now  # sealing can start a rekey: take_udp_sends collects the engine's datagrams
+        return datagram, addr
 
     def tun_frame(self, frame, now: float) -> bool | None:
         """One TUN read (virtio-net header + IP packet). True when it was a small packet now waiting
@@ -191,6 +249,10 @@ class Dataplane:
             self.drops["firewall_outbound"] += 1
             return
         path = self._path(session)
+        if flow.proto in EXPRESS_PROTOCOLS and gso == P.GSO_NONE and flow.l4_offset == 20 and flow.first_fragment:
+            if len(self._express_out) >= EXPRESS_CACHE_MAX:
+                self._express_out.clear()
+            self._express_out[flow.src + flow.dst] = (self.engine.route_generation, session.peer, session, peer, path)
         # A retransmission travels unbatched, one segment per datagram: were it batched, losing any
         # datagram of its message would lose it again, and a lost retransmission costs TCP a timeout.
         resent = flow.proto == P.PROTO_TCP and self._watch_retransmission(path, pkt, flow, now)
@@ -239,10 +301,11 @@ class Dataplane:
 
     def flush(self, now: float) -> None:
         """Seal the small packets gathered since the last flush (call when the TUN fd would block)."""
-        for pending in self._pending.values():
-            if pending[2]:
-                self._flush_one(pending, now)
-        self._pending.clear()
+        if self._pending:
+            for pending in self._pending.values():
+                if pending[2]:
+                    self._flush_one(pending, now)
+            self._pending.clear()
         self._drain_engine(now)  # sealing may have started a rekey
 
     def _flush_one(self, pending, now: float) -> None:
@@ -269,7 +332,11 @@ class Dataplane:
             if parity:
                 self.stats["parity_sent"] += 1
             self._udp_out.append((buffer, addr, segment))
-        path.tx_bytes += len(datagram)
+        self._count_sent(path, len(datagram), packets, addr)
+
+    def _count_sent(self, path: PeerPath, size: int, packets: int, addr) -> None:
+        """A message went out: the peer's counters, and a clean message toward growing its cap."""
+        path.tx_bytes += size
         path.tx_packets += packets
         path.tx_messages += 1
         path.endpoint = addr
@@ -394,6 +461,62 @@ class Dataplane:
                 if message is None:
                     return
             data = message
+        opened = self._open(data, addr, now)
+        if opened is not None:
+            self._opened(opened, len(data), now)
+
+    def express_in(self, data, addr, now: float):
+        """The express path for one whole small message (not a fragment): the TUN frame to write,
+        or None when there is nothing to write now -- then the message went the full way.
+
+        After the tunnel opened it (replay window, AEAD: as always), a message holding one plain
+        IPv4 ICMP or UDP packet (no IP options, not a fragment, no checksum left to do) between
+        addresses the full path (:meth:`_deliver`) already passed for this session -- anti-spoofing,
+        addressed to this node -- is checked by the firewall alone and becomes the frame. Anything
+        else goes on as :meth:`udp_datagram` would take it.
+        """
+        opened = self._open(data, addr, now)
+        if opened is None:
+            return None
+        session, msg_type, plaintext = opened
+        if (
+            msg_type == self._data_type
+            and len(plaintext) >= _R + 20
+            and plaintext[0] == B.RECORD_IP_PACKET
+            and not plaintext[1]
+            and plaintext[_R] == 0x45
+            and not plaintext[_R + 6] & 0x3F
+            and not plaintext[_R + 7]
+        ):
+            entry = self._express_in.get(plaintext[_R + 12 : _R + 20])
+            length, gso_size = _HH.unpack_from(plaintext, 2)
+            proto = plaintext[_R + 9]
+            if (
+                entry is not None
+                and entry[0] is session
+                and not gso_size
+                and length == len(plaintext) - _R
+                and _H.unpack_from(plaintext, _R + 2)[0] == length
+                and proto in EXPRESS_PROTOCOLS
+                and (proto != P.PROTO_UDP or length >= 28)
+            ):
+                _, identity, path = entry
+                path.rx_bytes += len(data)
+                path.rx_messages += 1
+                sport, dport = _HH.unpack_from(plaintext, _R + 20) if proto == P.PROTO_UDP else (0, 0)
+                self._now = now  # opening can start a rekey: take_udp_sends collects the engine's datagrams
+                if not self.firewall.allow(INBOUND, proto, plaintext[_R + 16 : _R + 20], dport,
+                                           plaintext[_R + 12 : _R + 16], sport, identity, now):
+                    self.drops["firewall_inbound"] += 1
+                    return None
+                path.rx_packets += 1
+                self.stats["express_in"] += 1
+                return P.ZERO_VNET_HDR + plaintext[_R:]
+        self._opened(opened, len(data), now)
+        return None
+
+    def _open(self, data, addr, now: float):
+        """(session, msg_type, plaintext) of an authentic transport message, else None."""
         try:
             opened = self.engine.open_data(data, addr, now)
         except Exception:  # the engine promises not to raise; a data path never lets one through
@@ -403,10 +526,12 @@ class Dataplane:
             # A handshake, cookie reply, keepalive, or a message that failed: the engine has dealt
             # with it (and counted it); collect what it wants sent or reported.
             self._drain_engine(now)
-            return
+        return opened
+
+    def _opened(self, opened, size: int, now: float) -> None:
         session, msg_type, plaintext = opened
         path = self._path(session)
-        path.rx_bytes += len(data)
+        path.rx_bytes += size
         path.rx_messages += 1
         if msg_type == self.settings.data_type:
             records = B.parse_batch(plaintext)
@@ -506,6 +631,10 @@ class Dataplane:
         ):
             self.drops["firewall_inbound"] += 1
             return
+        if flow.proto in EXPRESS_PROTOCOLS and flow.l4_offset == 20 and flow.first_fragment and not gso_size:
+            if len(self._express_in) >= EXPRESS_CACHE_MAX:
+                self._express_in.clear()
+            self._express_in[flow.src + flow.dst] = (session, peer, path)
         path.rx_packets += 1
         if flow.version == 4 and _H.unpack_from(pkt, 2)[0] != len(pkt) and not gso_size:
             self.drops["rx_bad_length"] += 1
@@ -606,6 +735,10 @@ class Dataplane:
             hdr = P.VNET_HDR.pack(P.VNET_NEEDS_CSUM, P.GSO_NONE, entry.hdr_len, 0, l4, P.TCP_CHECKSUM_OFFSET)
         return hdr + buf
 
+    def has_output(self) -> bool:
+        """Anything for :meth:`take_udp_sends` or :meth:`take_tun_writes` (a cheap check per wakeup)."""
+        return bool(self._udp_out or self._tun_out or self._rx) or self.engine.has_output()
+
     def take_udp_sends(self) -> list:
         """(buffer, addr, segment_size): segment_size > 0 means one GSO send of equal-sized datagrams."""
         if self._now is not None:
@@ -626,6 +759,8 @@ class Dataplane:
         return min(deadlines) if deadlines else None
 
     def _drain_engine(self, now: float) -> None:
+        if not self.engine.has_output():
+            return
         for datagram, addr in self.engine.datagrams_to_send():
             self._udp_out.append((datagram, addr, 0))
         while True:

@@ -208,6 +208,8 @@ class TunnelEngine:
         self._peers: dict[IPv4Address, Peer] = {}
         self._peer_by_int: dict[int, Peer] = {}  # the same peers by int(ip): the per-packet lookup
         self._routes: list[tuple[int, int, Peer]] = []  # (network, mask, peer), longest prefix first
+        # Bumped whenever the routes change: a data plane caching "destination -> peer" compares it.
+        self.route_generation = 0
         self._sessions: dict[int, TransportSession] = {}
         self._pending: dict[int, Peer] = {}
         self._outbox: list[tuple[bytes, Address]] = []
@@ -359,6 +361,10 @@ class TunnelEngine:
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    def has_output(self) -> bool:
+        """Datagrams or events waiting: the data plane skips the drain on its hot path otherwise."""
+        return bool(self._outbox or self._events)
 
     def get_timer(self) -> float | None:
         """The earliest time `handle_timer` has something to do (None: nothing scheduled)."""
@@ -901,6 +907,7 @@ class TunnelEngine:
         return int.from_bytes(self._random_bytes(4), "little") / 2**32
 
     def _rebuild_routes(self) -> None:
+        self.route_generation += 1
         self._peer_by_int = {int(ip): peer for ip, peer in self._peers.items()}
         routes = []
         for peer in self._peers.values():
