@@ -914,6 +914,12 @@ class EscalatingEndpoint:
     def fileno(self) -> int:
         return self.udp.fileno()
 
+    @property
+    def pending(self) -> int:
+        """Datagrams :meth:`recv` holds that the socket's readiness does not show: relay frames
+        queued, and the socket's batched read-ahead (the data plane comes back for them)."""
+        return len(self._inbound) + self.udp.pending
+
     def recv(self):
         mux = self.mux
         while True:

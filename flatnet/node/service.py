@@ -144,6 +144,7 @@ class DataplaneService:
         self._recheck: asyncio.TimerHandle | None = None
         self._tun_paused = False
         self._writer = False
+        self._udp_again: asyncio.Handle | None = None
 
     def start(self) -> None:
         self.loop.add_reader(self.io.tun.fileno(), self._on_tun)
@@ -155,8 +156,15 @@ class DataplaneService:
         self._after()
 
     def _on_udp(self) -> None:
+        if self._udp_again is not None:
+            self._udp_again.cancel()  # this call reads whatever it was for
+            self._udp_again = None
         self.io.read_udp(self.clock())
         self._after()
+        if self.io.udp.pending and self._udp_again is None:
+            # Datagrams read ahead (a batched receive, relay frames) that readiness does not show:
+            # the wakeup stopped early (a quiet spell's lone message, BURST). Come straight back.
+            self._udp_again = self.loop.call_soon(self._on_udp)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -214,6 +222,9 @@ class DataplaneService:
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._udp_again is not None:
+            self._udp_again.cancel()
+            self._udp_again = None
         if not self._tun_paused:
             self.loop.remove_reader(self.io.tun.fileno())
         self.loop.remove_reader(self.io.udp.fileno())

@@ -28,7 +28,7 @@ from flatnet.node.dataplane import Dataplane, DataplaneSettings
 from flatnet.node.nat import Masquerade
 from flatnet.node.service import DataplaneIO, DataplaneService
 from flatnet.node.tun import TunDevice, enable_forwarding, interface_mtu, restore_forwarding
-from flatnet.node.udp import DatagramEndpoint
+from flatnet.node.udp import RECV_BATCH, DatagramEndpoint
 
 log = logging.getLogger("flatnet.node.tunnel")
 
@@ -120,7 +120,7 @@ class TunnelComponent:
             if self.masquerade_enabled:
                 self.masquerade = Masquerade(self.tun.name, self.config.flatnet_range)
                 await asyncio.to_thread(self.masquerade.install)
-            self.udp = DatagramEndpoint(tunnel.listen_host, tunnel.listen_port)
+            self.udp = DatagramEndpoint(tunnel.listen_host, tunnel.listen_port, recv_batch=RECV_BATCH)
             if self.config.lighthouse.hosts or self.config.lighthouse.escalation:
                 from flatnet.node.discovery import attach_escalation  # Graceful Escalation
 

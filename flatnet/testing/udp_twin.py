@@ -44,6 +44,9 @@ class UdpTwin:
         """(data, addr, segment_size) or None when nothing is waiting."""
         return self.inbox.popleft() if self.inbox else None
 
+    # Read-ahead held outside the "socket": none (the inbox is the socket; pump() reads it again).
+    pending = 0
+
     def send(self, buffer, addr, segment_size: int = 0) -> bool:
         """Always True: the twin's socket buffer never fills."""
         data = bytes(buffer)

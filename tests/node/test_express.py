@@ -4,6 +4,7 @@ path's calls): same packets out, same checks, and the full path whenever the cac
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from flatnet.firewall import FirewallConfig, FirewallRuleConfig, identity_of
 from flatnet.proto import batch as B
@@ -125,3 +126,42 @@ def test_after_a_quiet_spell_a_lone_packet_skips_the_read_that_would_block():
     assert io.read_tun(later) == 0
     pair.run()
     assert finished_packets(pair.b.tun.written)[-2:] == pings
+
+
+async def test_datagrams_read_ahead_by_a_batched_receive_are_not_stranded_by_an_early_return():
+    """A quiet spell's lone message returns early; a batched receive may already hold more: the
+    service comes straight back for them (readiness does not show them), with no new traffic."""
+    import asyncio
+    import socket
+
+    from flatnet.node.service import DataplaneIO, DataplaneService
+    from flatnet.node.udp import RECV_BATCH, DatagramEndpoint
+
+    pair = Pair()
+    pair.establish()
+    session = pair.a.engine.session_for(ipaddress.ip_address(B_IP), pair.now)
+    quiet_r, quiet_w = os.pipe()  # the TUN twin's "fd" for the loop: never readable
+    pair.b.tun.fileno = lambda: quiet_r
+    endpoint = DatagramEndpoint("127.0.0.1", 0, recv_batch=RECV_BATCH)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    service = None
+    try:
+        queries = [udp(A_IP, B_IP, 5000, 53, b"query %d" % i) for i in range(5)]
+        for query in queries:  # all waiting before the loop first looks
+            sender.sendto(session.seal(B.encode_record(query), 5, pair.now), endpoint.address)
+        service = DataplaneService(DataplaneIO(pair.b.dataplane, pair.b.tun, endpoint), clock=lambda: pair.now)
+        service.start()
+        for _ in range(100):
+            if len(pair.b.tun.written) == len(queries):
+                break
+            await asyncio.sleep(0.01)
+        assert finished_packets(pair.b.tun.written) == queries
+        assert pair.b.dataplane.stats["express_in"] >= 1  # the first went the early-return way
+    finally:
+        if service is not None:
+            service.close()
+        endpoint.close()
+        sender.close()
+        os.close(quiet_r)
+        os.close(quiet_w)
