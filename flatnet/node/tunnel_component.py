@@ -23,6 +23,7 @@ import sys
 import time
 
 from flatnet.firewall import Firewall
+from flatnet.node.allocator import keep_freed_memory
 from flatnet.node.config import NodeConfig, load_node_config
 from flatnet.node.dataplane import Dataplane, DataplaneSettings
 from flatnet.node.nat import Masquerade
@@ -96,6 +97,7 @@ class TunnelComponent:
 
     async def start(self) -> None:
         tunnel = self.config.tunnel
+        keep_freed_memory()  # the receive path's 64 KB buffers reuse the heap (flatnet/node/allocator.py)
         self.engine, cert = self._build_engine()
         underlay = await asyncio.to_thread(interface_mtu, tunnel.underlay_interface or None)
         inner_mtu = overlay_mtu_for(underlay)
