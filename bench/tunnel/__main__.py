@@ -1,14 +1,25 @@
-"""bench/tunnel: Flatnet vs Nebula vs wireguard-go, each between two namespaces over a veth.
+"""bench/tunnel: Flatnet vs Nebula vs wireguard-go, each between two host namespaces bridged by a third.
 
     .venv/bin/python -m bench.tunnel [--seconds 5] [--repeats 3] [--only flatnet,nebula,wireguard-go]
+                                     [--conditions clean,loss1,loss1-net,loss1-skb]
 
 For each tunnel: single-flow iperf3 TCP throughput (``--seconds`` per run, ``--repeats`` runs),
-ping RTT, and the tunnel daemons' CPU seconds per GB carried (both sides, from /proc), first on a
-clean veth and then with 1% random loss on each side's input (nftables ``numgen random mod 100 < 1
-drop``), the tunnels measured round-robin so load changes hit all alike. Loss is per datagram: UDP segmentation offload is turned off on the veth (ethtool) for
-the "1% loss/datagram" runs, or a GSO train would count as one packet; "1% loss/skb" keeps the
-offload on, as the plain nftables rule behaves (only Flatnet sends GSO trains, so it is the only one
-that condition treats differently). Medians; ratios to Nebula.
+ping RTT, and the tunnel daemons' CPU seconds per GB carried (both sides, from /proc), the tunnels
+measured round-robin so load changes hit all alike. The hosts' veths meet at a bridge in a third
+namespace (the network between them). Conditions: clean; 1% random loss (nftables ``numgen random
+mod 100 < 1 drop``) three ways:
+
+* "1% loss/datagram" (``loss1``): at each host's input, with UDP segmentation offload turned off on
+  the hosts' veths (ethtool) so nftables sees each datagram. The receiving host then gets every
+  datagram alone: nothing can coalesce them before the input hook.
+* "1% loss in network" (``loss1-net``): per datagram, dropped in the bridge; the hosts' veths run
+  GRO (NAPI), so what arrives may be coalesced again before the socket, as a real NIC does
+  (only a socket asking for ``UDP_GRO`` -- Flatnet's -- sees coalesced trains).
+* "1% loss/skb" (``loss1-skb``): at each host's input with the offload on, as the plain nftables
+  rule behaves: a GSO train is one packet (only Flatnet sends GSO trains, so it is the only one
+  that condition treats differently).
+
+Medians; ratios to Nebula.
 
 Nebula: Debian's ``nebula`` with certs from ``nebula-cert``, default MTU (1300) and all-allow
 firewall. wireguard-go: Debian's userspace daemon, configured through its UAPI socket (no
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -32,7 +44,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flatnet.netns import Namespace
-from flatnet.testing.tunnel_pair import FLATNET, UNDERLAY, build_underlay, start_node, write_pki_and_configs
+from flatnet.testing.tunnel_pair import FLATNET, UNDERLAY, start_node, write_pki_and_configs
 
 PREFIX = f"fnb{os.getpid() % 100000}"
 
@@ -241,32 +253,69 @@ def iperf(a: Namespace, b: Namespace, target: str, seconds: float) -> tuple[floa
         return 0.0, 0
 
 
-def ping_rtt(a: Namespace, target: str, count: int = 20) -> float | None:
-    out = a.run(["ping", "-c", str(count), "-i", "0.05", "-q", target], check=False).stdout
-    for line in out.splitlines():
-        if "min/avg/max" in line:
-            return float(line.split("=")[1].split("/")[1])
-    return None
+def ping_rtt(a: Namespace, target: str, count: int = 100) -> float | None:
+    """Median RTT of *count* pings 50 ms apart (the median: one scheduling hiccup of the shared
+    machine moves an average of 20 by more than the differences measured)."""
+    out = a.run(["ping", "-c", str(count), "-i", "0.05", target], check=False).stdout
+    times = [float(t) for t in re.findall(r"time=([\d.]+)", out)]
+    return statistics.median(times) if times else None
 
 
+# condition -> (loss percent, UDP segmentation offload on the hosts' veths, where the loss is)
 CONDITIONS = {
-    "clean": (0, True),
-    "loss1": (1, False),  # 1% of datagrams: UDP segmentation offload off, so nft sees each datagram
-    "loss1-skb": (1, True),  # 1% of packets as nft sees them on the veth: a GSO train is one packet
+    "clean": (0, True, None),
+    "loss1": (1, False, "hosts"),  # 1% of datagrams at each host's input: segmentation offload off, so
+    # nft sees each datagram -- and the receiving host cannot coalesce them (GRO) before its socket
+    "loss1-net": (1, False, "network"),  # 1% of datagrams dropped in the network (the bridge between
+    # the hosts); the receiving host's veth coalesces what arrives (GRO), as a real NIC does
+    "loss1-skb": (1, True, "hosts"),  # 1% of packets as nft sees them on the veth: a GSO train is one packet
 }
-LABELS = {"clean": "clean", "loss1": "1% loss/datagram", "loss1-skb": "1% loss/skb"}
+LABELS = {"clean": "clean", "loss1": "1% loss/datagram", "loss1-net": "1% loss in network",
+          "loss1-skb": "1% loss/skb"}
 
 
-def set_loss(namespaces, percent: int, udp_segmentation: bool = True) -> None:
-    for ns in namespaces:
+def build_bridged_underlay(a, r, b) -> None:
+    """a -- r -- b: the two hosts' ``u0`` joined by a bridge in *r* (the network between them)."""
+    from flatnet.netns import veth
+
+    veth(a, "u0", r, "ua")
+    veth(r, "ub", b, "u0")
+    a.add_address("u0", f"{UNDERLAY['a']}/24")
+    b.add_address("u0", f"{UNDERLAY['b']}/24")
+    r.run(["ip", "link", "add", "br0", "type", "bridge"])
+    r.run(["ip", "link", "set", "br0", "up"])
+    for port in ("ua", "ub"):
+        r.run(["ip", "link", "set", port, "master", "br0"])
+        r.run(["ip", "link", "set", port, "up"])
+
+
+def set_loss(namespaces, percent: int, udp_segmentation: bool = True, where: str | None = "hosts") -> None:
+    """*namespaces*: (a, b) or (a, r, b); loss at the hosts' input or in r's bridge."""
+    hosts, bridge = (namespaces[0], namespaces[-1]), namespaces[1] if len(namespaces) == 3 else None
+    for ns in hosts:
         ns.run(["nft", "delete", "table", "inet", "fnbench_loss"], check=False)
         ns.run(["ethtool", "-K", "u0", "tx-udp-segmentation", "on" if udp_segmentation else "off"], check=False)
-        if percent:
+        if percent and where == "hosts":
             rules = (
                 "table inet fnbench_loss {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
                 f'  iifname "u0" meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n}}\n'
             )
             ns.run(["nft", "-f", "-"], input=rules)
+    if bridge is not None:
+        bridge.run(["nft", "delete", "table", "bridge", "fnbench_loss"], check=False)
+        # A veth hands its peer's NAPI (and so GRO) only what it did not segment itself (TSO off):
+        # with loss in the network the hosts receive coalesced, as from a NIC; otherwise as before.
+        for port in ("ua", "ub"):
+            bridge.run(["ethtool", "-K", port, "tso", "off" if where == "network" else "on"], check=False)
+        if percent and where == "network":
+            rules = (
+                "table bridge fnbench_loss {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n"
+                f"  meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n}}\n"
+            )
+            bridge.run(["nft", "-f", "-"], input=rules)
+        for ns in hosts:  # GRO wanted on the hosts' veths: it turns their NAPI on (veth)
+            ns.run(["ethtool", "-K", "u0", "gro", "off"], check=False)
+            ns.run(["ethtool", "-K", "u0", "gro", "on"], check=False)
 
 
 def measure_all(setups: list, seconds: float, repeats: int, conditions: list[str]) -> dict:
@@ -274,10 +323,10 @@ def measure_all(setups: list, seconds: float, repeats: int, conditions: list[str
     shared) hits all of them alike and the ratios stay fair."""
     results: dict = {tunnel.name: {} for tunnel, _, _ in setups}
     for key in conditions:
-        loss, segmentation = CONDITIONS[key]
+        loss, segmentation, where = CONDITIONS[key]
         samples = {tunnel.name: ([], []) for tunnel, _, _ in setups}
-        for _tunnel, a, b in setups:
-            set_loss((a, b), loss, segmentation)
+        for tunnel, _a, _b in setups:
+            set_loss(tunnel.underlay, loss, segmentation, where)
         for _ in range(repeats):
             for tunnel, a, b in setups:
                 rates, cpu_per_gb = samples[tunnel.name]
@@ -297,8 +346,8 @@ def measure_all(setups: list, seconds: float, repeats: int, conditions: list[str
                 "rtt_ms": ping_rtt(a, tunnel.target),
             }
         print(f"{key}: done", file=sys.stderr, flush=True)
-    for _tunnel, a, b in setups:
-        set_loss((a, b), 0)
+    for tunnel, _a, _b in setups:
+        set_loss(tunnel.underlay, 0)
     return results
 
 
@@ -307,7 +356,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="flatnet,nebula,wireguard-go")
-    parser.add_argument("--conditions", default="clean,loss1,loss1-skb", help=f"of {', '.join(CONDITIONS)}")
+    parser.add_argument("--conditions", default="clean,loss1,loss1-net,loss1-skb", help=f"of {', '.join(CONDITIONS)}")
     parser.add_argument("--flatnet", action="append", default=[], metavar="KEY=VALUE",
                         help="a [tunnel] setting for Flatnet's nodes, e.g. max_segments=8 (TOML value)")
     parser.add_argument("--json", help="also write the results here")
@@ -321,9 +370,12 @@ def main(argv=None) -> int:
             for tunnel in tunnels:  # each tunnel between its own pair of namespaces, all up at once
                 a = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-a")
                 namespaces.append(a)
+                r = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-r")
+                namespaces.append(r)
                 b = Namespace.create(f"{PREFIX}-{tunnel.name[:5]}-b")
                 namespaces.append(b)
-                build_underlay(a, b)
+                build_bridged_underlay(a, r, b)
+                tunnel.underlay = (a, r, b)
                 tunnel.start(a, b, Path(work))
                 started.append(tunnel)
                 setups.append((tunnel, a, b))
