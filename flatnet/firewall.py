@@ -40,6 +40,8 @@ PROTOCOLS = {"any": None, "tcp": 6, "udp": 17, "icmp": 1}
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10  # TCP header flag bits (byte 13)
 INBOUND = "inbound"
 OUTBOUND = "outbound"
+# A tracked flow's expiry is restarted at most this often (seconds): the hot path's per-packet cost.
+TRACK_REFRESH = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,10 @@ class Firewall:
         key = (proto, local, local_port, remote, remote_port)
         expiry = self.conntrack.get(key)
         if expiry is not None and expiry > now:
+            # Refreshed less than TRACK_REFRESH ago and nothing to note (FIN, SYN, RST): the expiry
+            # stands (at most TRACK_REFRESH short of exact), one dictionary lookup per packet.
+            if not tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST) and expiry - now > timeout - TRACK_REFRESH:
+                return True
             self._track(key, now, timeout, tcp_flags)
             return True
         if not self._allow_all[direction]:

@@ -119,3 +119,26 @@ def test_tcp_flags_of_a_packet():
     assert P.tcp_flags(head, P.parse_flow(head)) == 0
     later = bytes(IP(src="10.87.1.1", dst="10.87.2.5", frag=100) / ScapyTCP(flags="R"))  # not the first fragment
     assert P.tcp_flags(later, P.parse_flow(later)) == 0
+
+
+def test_a_busy_flow_restarts_its_expiry_at_most_once_per_refresh_interval_and_never_expires():
+    from flatnet.firewall import TRACK_REFRESH
+
+    fw = Firewall(FirewallConfig())
+    timeout = fw.config.tcp_timeout
+    key = (TCP, LOCAL, 80, REMOTE, 40000)
+    assert packet(fw, INBOUND, 40000, TCP_SYN, 0.0)
+    assert fw.conntrack[key] == timeout
+    packet(fw, INBOUND, 40000, TCP_ACK, TRACK_REFRESH / 2)
+    assert fw.conntrack[key] == timeout  # refreshed just now: left as it is
+    packet(fw, INBOUND, 40000, TCP_ACK, TRACK_REFRESH * 1.5)
+    assert fw.conntrack[key] == TRACK_REFRESH * 1.5 + timeout
+    # Traffic every 0.9 refresh intervals for longer than the timeout: the flow stays tracked.
+    now = TRACK_REFRESH * 1.5
+    while now < 2 * timeout:
+        now += TRACK_REFRESH * 0.9
+        assert packet(fw, INBOUND, 40000, TCP_ACK, now)
+        assert fw.conntrack[key] >= now + timeout - TRACK_REFRESH
+    # A FIN is never skipped: the flow is marked closing at once.
+    packet(fw, INBOUND, 40000, TCP_FIN | TCP_ACK, now + 0.01)
+    assert fw.conntrack[key] == now + 0.01 + fw.config.tcp_closing_timeout
