@@ -921,11 +921,17 @@ class EscalatingEndpoint:
         return len(self._inbound) + self.udp.pending
 
     def recv(self):
+        return self._recv(self.udp.recv)
+
+    def recv_lone(self):
+        return self._recv(self.udp.recv_lone)
+
+    def _recv(self, receive):
         mux = self.mux
         while True:
             if self._inbound:
                 return self._inbound.popleft()
-            got = self.udp.recv()
+            got = receive()
             if got is None:
                 self._flush_own()
                 return None

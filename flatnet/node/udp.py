@@ -348,6 +348,15 @@ class DatagramEndpoint:
             self._batch = got
         return got.pop()
 
+    def recv_lone(self):
+        """As :meth:`recv`, for a read that likely finds one datagram (the first after a quiet
+        spell): one plain ``recvmsg``, which costs a lone datagram less than a batched receive
+        (measured on the ping path: ~45 vs ~20 µs, cold). Read-ahead already held comes first."""
+        if self._batch:
+            return self._batch.pop()
+        self._drained = False
+        return self._recv_one()
+
     def _recv_one(self):
         while True:
             try:

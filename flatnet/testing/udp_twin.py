@@ -44,6 +44,8 @@ class UdpTwin:
         """(data, addr, segment_size) or None when nothing is waiting."""
         return self.inbox.popleft() if self.inbox else None
 
+    recv_lone = recv  # one datagram likely (after a quiet spell): the same here
+
     # Read-ahead held outside the "socket": none (the inbox is the socket; pump() reads it again).
     pending = 0
 
