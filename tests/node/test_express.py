@@ -165,3 +165,24 @@ async def test_datagrams_read_ahead_by_a_batched_receive_are_not_stranded_by_an_
         sender.close()
         os.close(quiet_r)
         os.close(quiet_w)
+
+
+def test_a_udp_packet_with_its_checksum_left_to_the_kernel_arrives_with_the_same_request():
+    """A NEEDS_CSUM read (the sender's kernel left the UDP checksum partial) takes the express path
+    out; B hands it to its kernel as partial again (the full path in: a checksum still to do)."""
+    from flatnet.node import packet as P
+
+    pair = Pair()
+    pair.establish()
+    sent = []
+    for i in range(2):
+        pkt = bytearray(udp(A_IP, B_IP, 5353, 53, b"query %d" % i))
+        start, offset = P.prepare_partial_checksum(pkt, P.parse_flow(pkt))
+        sent.append(bytes(pkt))
+        pair.a.tun.inject(P.VNET_HDR.pack(P.VNET_NEEDS_CSUM, P.GSO_NONE, 0, 0, start, offset) + bytes(pkt))
+        pair.run()
+    assert pair.a.dataplane.stats["express_out"] == 1  # the second; the first filled the cache
+    for frame_written, pkt in zip(pair.b.tun.written, sent, strict=True):
+        flags, gso_type, _hdr_len, _gso_size, csum_start, csum_offset = P.VNET_HDR.unpack_from(frame_written)
+        assert flags & P.VNET_NEEDS_CSUM and (csum_start, csum_offset) == (20, P.UDP_CHECKSUM_OFFSET)
+        assert frame_written[P.VNET_HDR_LEN :] == pkt
