@@ -234,23 +234,28 @@ def test_batched_and_recvmsg_reads_give_the_same_results():
         sender.close()
 
 
-@needs_recvmmsg
-def test_a_short_batch_is_followed_by_none_and_holds_the_rest():
+@pytest.fixture
+def batch_of_8():
+    """A receiver batching 8 per recvmmsg and a sender, on loopback."""
     receiver = DatagramEndpoint("127.0.0.1", 0, recv_batch=8)
     sender = DatagramEndpoint("127.0.0.1", 0)
-    try:
-        for i in range(3):
-            assert sender.send(bytes([i]), receiver.address)
-        time.sleep(0.01)
-        assert receiver.recv() == (b"\x00", sender.address, 0)
-        assert receiver.pending == 2  # read from the kernel in the same call: the fd is not readable
-        assert receiver.recv()[0] == b"\x01"
-        assert receiver.recv()[0] == b"\x02"
-        assert receiver.pending == 0
-        assert receiver.recv() is None
-    finally:
-        receiver.close()
-        sender.close()
+    yield receiver, sender
+    receiver.close()
+    sender.close()
+
+
+@needs_recvmmsg
+def test_a_short_batch_is_followed_by_none_and_holds_the_rest(batch_of_8):
+    receiver, sender = batch_of_8
+    for i in range(3):
+        assert sender.send(bytes([i]), receiver.address)
+    time.sleep(0.01)
+    assert receiver.recv() == (b"\x00", sender.address, 0)
+    assert receiver.pending == 2  # read from the kernel in the same call: the fd is not readable
+    assert receiver.recv()[0] == b"\x01"
+    assert receiver.recv()[0] == b"\x02"
+    assert receiver.pending == 0
+    assert receiver.recv() is None
 
 
 def test_without_recvmmsg_the_endpoint_reads_with_recvmsg(monkeypatch):
@@ -266,24 +271,20 @@ def test_without_recvmmsg_the_endpoint_reads_with_recvmsg(monkeypatch):
         sender.close()
 
 
-def test_a_lone_read_takes_what_a_batch_holds_first_then_one_datagram():
-    receiver = DatagramEndpoint("127.0.0.1", 0, recv_batch=8)
-    sender = DatagramEndpoint("127.0.0.1", 0)
-    try:
-        for i in range(3):
-            assert sender.send(bytes([i]), receiver.address)
-        time.sleep(0.01)
-        assert receiver.recv()[0] == b"\x00"  # a batch: 1 and 2 held
-        assert receiver.recv_lone()[0] == b"\x01"  # order kept: the held ones first
-        for i in (3, 4):
-            assert sender.send(bytes([i]), receiver.address)
-        time.sleep(0.01)
-        assert receiver.recv_lone()[0] == b"\x02"
-        assert receiver.pending == 0
-        assert receiver.recv_lone()[0] == b"\x03"  # one recvmsg: one datagram, nothing read ahead
-        assert receiver.pending == 0
-        assert receiver.recv()[0] == b"\x04"
-        assert receiver.recv() is None
-    finally:
-        receiver.close()
-        sender.close()
+@needs_recvmmsg
+def test_a_lone_read_takes_what_a_batch_holds_first_then_one_datagram(batch_of_8):
+    receiver, sender = batch_of_8
+    for i in range(3):
+        assert sender.send(bytes([i]), receiver.address)
+    time.sleep(0.01)
+    assert receiver.recv()[0] == b"\x00"  # a batch: 1 and 2 held
+    assert receiver.recv_lone()[0] == b"\x01"  # order kept: the held ones first
+    for i in (3, 4):
+        assert sender.send(bytes([i]), receiver.address)
+    time.sleep(0.01)
+    assert receiver.recv_lone()[0] == b"\x02"
+    assert receiver.pending == 0
+    assert receiver.recv_lone()[0] == b"\x03"  # one recvmsg: one datagram, nothing read ahead
+    assert receiver.pending == 0
+    assert receiver.recv()[0] == b"\x04"
+    assert receiver.recv() is None
