@@ -50,8 +50,8 @@ class DataplaneIO:
                 # express path sends it now, with a fraction of the full path's calls.
                 express = dp.express_out(frame, now)
                 if express is not None:
-                    if express:
-                        self.send_now(*express)
+                    if express and (self.backlog or not self.udp.send(express[0], express[1], 0)):
+                        self.backlog.append((express[0], express[1], 0))  # behind what waits
                     if quiet:
                         return n
                     continue
@@ -106,11 +106,6 @@ class DataplaneIO:
         for frame in self.dataplane.take_tun_writes():
             self.write_tun(frame)
 
-    def send_now(self, datagram, addr) -> None:
-        """One datagram the express path sealed: sent at once, or queued behind what waits."""
-        if self.backlog or not self.udp.send(datagram, addr, 0):
-            self.backlog.append((datagram, addr, 0))
-
     def write_tun(self, frame) -> None:
         try:
             self.tun.write(frame)
@@ -152,16 +147,22 @@ class DataplaneService:
         self._arm_timer()
 
     def _on_tun(self) -> None:
-        self.io.read_tun(self.clock())
-        self._after()
+        io = self.io
+        io.read_tun(self.clock())
+        # _after() only if it has something to do: on a lone packet's way every Python call is paid
+        # with cold caches (docs/dataplane.md, "The express paths").
+        if io.backlog or self._recheck is None or self._tun_paused or self._writer or io.dataplane.has_output():
+            self._after()
 
     def _on_udp(self) -> None:
         if self._udp_again is not None:
             self._udp_again.cancel()  # this call reads whatever it was for
             self._udp_again = None
-        self.io.read_udp(self.clock())
-        self._after()
-        if self.io.udp.pending and self._udp_again is None:
+        io = self.io
+        io.read_udp(self.clock())
+        if io.backlog or self._recheck is None or self._tun_paused or self._writer or io.dataplane.has_output():
+            self._after()
+        if io.udp.pending and self._udp_again is None:
             # Datagrams read ahead (a batched receive, relay frames) that readiness does not show:
             # the wakeup stopped early (a quiet spell's lone message, BURST). Come straight back.
             self._udp_again = self.loop.call_soon(self._on_udp)

@@ -541,7 +541,39 @@ class TunnelEngine:
                 msg_type, version, reserved, index, counter = _unpack_header(datagram)
                 transport_type = _TRANSPORT_BY_INT.get(msg_type)
                 if transport_type is not None and version == 1 and reserved == 0:
-                    return self._open_transport(datagram, transport_type, index, counter, addr, now)
+                    # The transport message, inline: one call less on every packet's way.
+                    session = self._sessions.get(index)
+                    if session is None:
+                        return self._drop("unknown-index")
+                    if now - session.created_at >= REJECT_AFTER_TIME:
+                        return self._drop("expired-key")
+                    if not session.replay.check(counter):
+                        return self._drop("replay")
+                    plaintext = session.decrypt(datagram)
+                    if plaintext is None:
+                        return self._drop("decrypt-failed")
+                    session.replay.update(counter)
+                    peer = session.peer
+                    if peer.endpoint != addr:  # roaming, as WireGuard: the last authenticated source address
+                        self._roamed(peer, addr)
+                    peer.last_received_at = now
+                    peer.awaiting_reply_since = None
+                    peer.rx_bytes += len(datagram)
+                    if session is peer.next:
+                        self._confirm_next(peer, now)
+                    elif (
+                        session is peer.current
+                        and session.is_initiator
+                        and peer.pending is None
+                        and now - session.created_at >= REKEY_ON_RECEIVE_AGE
+                    ):
+                        self._begin_handshake(peer, now)
+                    if not plaintext and transport_type is _DATA:
+                        self.stats["keepalive-received"] += 1
+                        return None
+                    if peer.keepalive_from is None:
+                        peer.keepalive_from = now
+                    return session, transport_type, plaintext
             self._receive_other(datagram, addr, now)
         except Exception:
             if self._strict:
@@ -551,40 +583,6 @@ class TunnelEngine:
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
-
-    def _open_transport(self, datagram, msg_type: MessageType, index: int, counter: int, addr, now: float):
-        session = self._sessions.get(index)
-        if session is None:
-            return self._drop("unknown-index")
-        if now - session.created_at >= REJECT_AFTER_TIME:
-            return self._drop("expired-key")
-        if not session.replay.check(counter):
-            return self._drop("replay")
-        plaintext = session.decrypt(datagram)
-        if plaintext is None:
-            return self._drop("decrypt-failed")
-        session.replay.update(counter)
-        peer = session.peer
-        if peer.endpoint != addr:  # roaming, as WireGuard: the last authenticated source address
-            self._roamed(peer, addr)
-        peer.last_received_at = now
-        peer.awaiting_reply_since = None
-        peer.rx_bytes += len(datagram)
-        if session is peer.next:
-            self._confirm_next(peer, now)
-        elif (
-            session is peer.current
-            and session.is_initiator
-            and peer.pending is None
-            and now - session.created_at >= REKEY_ON_RECEIVE_AGE
-        ):
-            self._begin_handshake(peer, now)
-        if not plaintext and msg_type is _DATA:
-            self.stats["keepalive-received"] += 1
-            return None
-        if peer.keepalive_from is None:
-            peer.keepalive_from = now
-        return session, msg_type, plaintext
 
     def _receive_other(self, data: bytes, addr: Address, now: float) -> None:
         try:
