@@ -34,6 +34,7 @@ class DataplaneIO:
         self.backlog: deque = deque()  # UDP sends waiting for socket space
         self.tun_write_errors = 0
         self._tun_woken = self._udp_woken = 0.0  # when each fd's last wakeup began
+        self.wrote_lone = False  # read_udp's quiet wakeup wrote its one packet to the TUN
 
     def read_tun(self, now: float) -> int:
         dp, read = self.dataplane, self.tun.read
@@ -85,7 +86,11 @@ class DataplaneIO:
                 else:
                     self.emit()
                 if quiet:
-                    return n  # a whole message leaves no fragment train or parity work behind
+                    # A whole message leaves no fragment train or parity work behind. What the
+                    # local stack answers at once (an echo request, anything the kernel replies to
+                    # itself) is already on the TUN when the write returns: see answered_at_once.
+                    self.wrote_lone = frame is not None
+                    return n
                 continue
             dp.udp_datagram(data, addr, now, segment)
         if n:
@@ -162,6 +167,12 @@ class DataplaneService:
         io.read_udp(self.clock())
         if io.backlog or self._recheck is None or self._tun_paused or self._writer or io.dataplane.has_output():
             self._after()
+        if io.wrote_lone:
+            # A lone packet went to the TUN after a quiet spell: its answer, if the local stack gave
+            # it at once (a ping's echo reply), is read now rather than after another loop turn.
+            io.wrote_lone = False
+            if not self._tun_paused:
+                self._on_tun()
         if io.udp.pending and self._udp_again is None:
             # Datagrams read ahead (a batched receive, relay frames) that readiness does not show:
             # the wakeup stopped early (a quiet spell's lone message, BURST). Come straight back.

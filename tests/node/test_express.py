@@ -186,3 +186,48 @@ def test_a_udp_packet_with_its_checksum_left_to_the_kernel_arrives_with_the_same
         flags, gso_type, _hdr_len, _gso_size, csum_start, csum_offset = P.VNET_HDR.unpack_from(frame_written)
         assert flags & P.VNET_NEEDS_CSUM and (csum_start, csum_offset) == (20, P.UDP_CHECKSUM_OFFSET)
         assert frame_written[P.VNET_HDR_LEN :] == pkt
+
+
+async def test_an_answer_the_local_stack_gives_at_once_leaves_in_the_same_wakeup():
+    """After a quiet spell's lone packet is written to the TUN, the TUN is read at once: a ping's
+    echo reply (queued by the kernel before the write returned) leaves without waiting for the
+    TUN's readiness, which this test's TUN never signals."""
+    import asyncio
+    import socket
+
+    from flatnet.node.service import DataplaneIO, DataplaneService
+    from flatnet.node.udp import DatagramEndpoint
+
+    pair = Pair()
+    pair.establish()
+    ping_round(pair, 1)  # both caches filled: B's reply will take the express path out
+    session = pair.a.engine.session_for(ipaddress.ip_address(B_IP), pair.now)
+    quiet_r, quiet_w = os.pipe()
+    tun = pair.b.tun
+    tun.fileno = lambda: quiet_r
+    plain_write = tun.write
+
+    def write_and_answer(frame_written):  # the kernel answering an echo request during the write
+        plain_write(frame_written)
+        tun.inject(frame(icmp_echo(B_IP, A_IP, seq=7)))
+
+    tun.write = write_and_answer
+    endpoint = DatagramEndpoint("127.0.0.1", 0)
+    peer_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer_socket.bind(("127.0.0.1", 0))
+    peer_socket.setblocking(False)
+    service = DataplaneService(DataplaneIO(pair.b.dataplane, tun, endpoint), clock=lambda: pair.now + 1.0)
+    try:
+        service.start()
+        record = B.encode_record(icmp_echo(A_IP, B_IP, seq=7))
+        peer_socket.sendto(session.seal(record, 5, pair.now), endpoint.address)
+        loop = asyncio.get_running_loop()
+        reply = await asyncio.wait_for(loop.sock_recv(peer_socket, 2048), 2.0)
+        opened = pair.a.engine.open_data(reply, endpoint.address, pair.now)
+        assert opened is not None and bytes(opened[2][B.RECORD_HEADER_LEN :]) == icmp_echo(B_IP, A_IP, seq=7)
+    finally:
+        service.close()
+        endpoint.close()
+        peer_socket.close()
+        os.close(quiet_r)
+        os.close(quiet_w)
