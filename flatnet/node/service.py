@@ -88,7 +88,7 @@ class DataplaneIO:
                 if quiet:
                     # A whole message leaves no fragment train or parity work behind. What the
                     # local stack answers at once (an echo request, anything the kernel replies to
-                    # itself) is already on the TUN when the write returns: see answered_at_once.
+                    # itself) is already on the TUN when the write returns: DataplaneService reads it.
                     self.wrote_lone = frame is not None
                     return n
                 continue
