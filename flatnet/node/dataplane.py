@@ -478,13 +478,8 @@ class Dataplane:
         addressed to this node -- is checked by the firewall alone and becomes the frame. Anything
         else goes on as :meth:`udp_datagram` would take it.
         """
-        try:  # as _open, inline (one call less)
-            opened = self.engine.open_data(data, addr, now)
-        except Exception:  # the engine promises not to raise; a data path never lets one through
-            self.drops["tunnel_internal_error"] += 1
-            opened = None
+        opened = self._open(data, addr, now)
         if opened is None:
-            self._drain_engine(now)
             return None
         session, msg_type, plaintext = opened
         if (
