@@ -249,9 +249,9 @@ class DatagramEndpoint:
     """The node's UDP socket (IPv4).
 
     ``recv_batch``: messages per ``recvmmsg`` (:data:`RECV_BATCH` is the measured choice); 0, the
-    default, or no usable ``recvmmsg`` reads one ``recvmsg`` per datagram. Batching stays off until
-    the data plane's reader, which stops before None (after one datagram of a quiet wakeup, at
-    ``service.BURST``), comes back for :attr:`pending` messages: readiness does not show them.
+    default, or no usable ``recvmmsg`` reads one ``recvmsg`` per datagram (``flatnet-node`` batches).
+    A reader that stops before None must come back for :attr:`pending` messages on its own:
+    readiness does not show them (``service.DataplaneService`` does).
     ``recv_size``: the longest datagram or GRO train a read takes whole (longer ones are dropped
     and counted in :attr:`truncated`; tests shrink it).
     """
